@@ -1,0 +1,162 @@
+// Low-latency combine: bring expert outputs back to the ranks that own the tokens and reduce them
+// with the top-k weights.
+//
+// combine_send (never waits): one warp per received row (from the dispatch handle) puts the bf16
+//   row, or its LogFMT encoding, into slot (token, k) of the source rank; the last block releases
+//   one epoch flag per rank.
+// combine_recv: waits for every rank's flag (bounded), then for each (token, chunk of channels)
+//   accumulates weight * value over the top-k slots in k order, in fp32 with products rounded
+//   before the add (so it matches lowlat.reference bit for bit), and stores bf16.
+#pragma once
+
+#include "common.cuh"
+#include "logfmt.cuh"
+#include "region.cuh"
+#include "signal.cuh"
+#include "state.cuh"
+#include "transport.cuh"
+
+namespace lowlat {
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_bfloat16* __restrict__ x,  // [L, R*T, H] expert outputs
+                                                                     const int* __restrict__ recv_count,  // [L]       from the dispatch handle
+                                                                     const int* __restrict__ recv_src_info,      // [L, R*T]
+                                                                     const int* __restrict__ recv_src_topk,      // [L, R*T]
+                                                                     const long long* __restrict__ recv_layout_range,  // [L, R]
+                                                                     int rank,
+                                                                     const uint64_t* __restrict__ peer_bases,
+                                                                     uint64_t* __restrict__ state,
+                                                                     int* __restrict__ rank_mask,
+                                                                     unsigned long long* __restrict__ status) {
+    using Reg = Region<Cfg>;
+    using Chunk = logfmt::Chunk<logfmt::chunk_size(Cfg::kHidden)>;
+    constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, K = Cfg::kNumTopk, H = Cfg::kHidden;
+    constexpr int RT = R * T, kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
+    const Peers peers{peer_bases, rank};
+    const int lane = lane_id(), warp = threadIdx.x / 32;
+    const int global_warp = blockIdx.x * Cfg::kNumWarps + warp;
+    const int num_global_warps = gridDim.x * Cfg::kNumWarps;
+    __shared__ RowSegments<L, R> segments;
+
+    const uint64_t seq = state[kCombineSendSeq];
+    if (seq - state[kCombineRecvSeq] >= 2) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusTooManyInFlight, rank, static_cast<int>(seq));
+        return;
+    }
+    const int parity = static_cast<int>(seq & 1);
+    segments.build([&](int l, int s) {
+        const long long range = __ldg(recv_layout_range + l * R + s);
+        return min(static_cast<int>(range & 0xffffffff), RT);
+    });
+
+    for (int row = global_warp; row < segments.total(); row += num_global_warps) {
+        int l, j, s, i;
+        segments.locate(row, l, j, s, i);
+        const int token = __ldg(recv_src_info + static_cast<uint64_t>(l) * RT + j);
+        const int k = __ldg(recv_src_topk + static_cast<uint64_t>(l) * RT + j);
+        if (ld_cg(rank_mask + s) || token < 0 || token >= T || k < 0 || k >= K) continue;
+        const __nv_bfloat16* src = x + (static_cast<uint64_t>(l) * RT + j) * H;
+        const uint64_t slot = Reg::combine_slot(parity, token, k);
+        if constexpr (!Cfg::kUseLogFMT) {
+            put_warp(peers, s, slot, src, 2 * H);
+        } else {
+            // Encode chunk by chunk through shared memory; raw chunks go straight from x.
+            __shared__ __align__(16) uint8_t encoded[Cfg::kNumWarps][Chunk::kEncodedBytes];
+            __shared__ uint32_t meta[Cfg::kNumWarps][H / 128];
+            for (int c = 0; c < kNumChunks; ++c) {
+                const __nv_bfloat16* chunk_src = src + c * kChunk;
+                const bool encoded_ok = Chunk::encode(chunk_src, encoded[warp], meta[warp] + c * (kChunk / 128));
+                __syncwarp();
+                if (encoded_ok) put_warp(peers, s, slot + 2ull * kChunk * c, encoded[warp], Chunk::kEncodedBytes);
+                else put_warp(peers, s, slot + 2ull * kChunk * c, chunk_src, 2 * kChunk);
+                __syncwarp();
+            }
+            for (int g = lane; g < H / 128; g += 32) put_u32(peers, s, slot + 2ull * H + 4ull * g, meta[warp][g]);
+        }
+    }
+
+    if (finish_block(blocks_done(state, kCombineSendDone))) {
+        for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
+            if (!ld_cg(rank_mask + peer)) signal(peers, peer, Reg::combine_flag(parity, rank), seq + 1);
+        if (threadIdx.x == 0) state[kCombineSendSeq] = seq + 1;
+    }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat16* __restrict__ out,         // [num_out_rows, H]
+                                                                     const void* __restrict__ topk_idx,       // [>= num_tokens, K]
+                                                                     const float* __restrict__ topk_weights,  // [>= num_tokens, K]
+                                                                     const int* __restrict__ num_tokens_ptr,  // device scalar or null
+                                                                     int num_tokens_host,
+                                                                     int num_out_rows,
+                                                                     long long* __restrict__ wait_cost_stats,  // [R] or null
+                                                                     int rank,
+                                                                     const uint64_t* __restrict__ peer_bases,
+                                                                     uint64_t* __restrict__ state,
+                                                                     int* __restrict__ rank_mask,
+                                                                     unsigned long long* __restrict__ status,
+                                                                     long long timeout_ns) {
+    using Reg = Region<Cfg>;
+    constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, K = Cfg::kNumTopk, H = Cfg::kHidden;
+    constexpr int kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
+    using Chunk = logfmt::Chunk<kChunk>;
+    constexpr int kUnitsPerLane = Chunk::kUnitsPerLane;
+    const Peers peers{peer_bases, rank};
+    const int lane = lane_id();
+    const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
+    const int num_global_warps = gridDim.x * Cfg::kNumWarps;
+    __shared__ int source_ok[R];
+
+    const uint64_t seq = state[kCombineRecvSeq];
+    if (seq >= state[kCombineSendSeq]) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusRecvWithoutSend, rank, static_cast<int>(seq));
+        return;
+    }
+    const int parity = static_cast<int>(seq & 1);
+    wait_all_sources<R>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank_mask, source_ok, timeout_ns, state, status, wait_cost_stats);
+    int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
+    num_tokens = max(0, min(num_tokens, min(num_out_rows, Cfg::kMaxTokens)));
+
+    for (int item = global_warp; item < num_out_rows * kNumChunks; item += num_global_warps) {
+        const int token = item / kNumChunks, c = item % kNumChunks;
+        float acc[kUnitsPerLane][16];
+#pragma unroll
+        for (int u = 0; u < kUnitsPerLane; ++u)
+#pragma unroll
+            for (int v = 0; v < 16; ++v) acc[u][v] = 0.0f;
+
+        for (int k = 0; token < num_tokens && k < K; ++k) {
+            const long long expert = load_expert<Cfg>(topk_idx, token * K + k);
+            if (expert < 0 || expert >= Cfg::kNumExperts || !source_ok[expert / L]) continue;
+            const float weight = __ldg(topk_weights + token * K + k);
+            const uint8_t* slot = peers.local(Reg::combine_slot(parity, token, k));
+            const uint8_t* chunk = slot + 2ull * kChunk * c;
+            logfmt::GroupRange range[kUnitsPerLane];
+            const bool encoded = Cfg::kUseLogFMT && Chunk::decode_plan(reinterpret_cast<const uint32_t*>(slot + 2ull * H), c, range);
+#pragma unroll
+            for (int u = 0; u < kUnitsPerLane; ++u) {
+                const int unit = lane + 32 * u;
+                if (!Chunk::unit_active(unit)) continue;
+                if (encoded) Chunk::accumulate_encoded(chunk + unit * 20, range[u], weight, acc[u]);
+                else logfmt::accumulate_raw(chunk + unit * 32, weight, acc[u]);
+            }
+        }
+
+#pragma unroll
+        for (int u = 0; u < kUnitsPerLane; ++u) {
+            const int unit = lane + 32 * u;
+            if (!Chunk::unit_active(unit)) continue;
+            __nv_bfloat162 packed[8];
+#pragma unroll
+            for (int v = 0; v < 8; ++v) packed[v] = __floats2bfloat162_rn(acc[u][2 * v], acc[u][2 * v + 1]);
+            auto* dst = reinterpret_cast<int4*>(out + static_cast<uint64_t>(token) * H + c * kChunk + unit * 16);
+            dst[0] = reinterpret_cast<const int4*>(packed)[0];
+            dst[1] = reinterpret_cast<const int4*>(packed)[1];
+        }
+    }
+
+    if (finish_block(blocks_done(state, kCombineRecvDone)) && threadIdx.x == 0) state[kCombineRecvSeq] = seq + 1;
+}
+
+}  // namespace lowlat

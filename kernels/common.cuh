@@ -1,0 +1,76 @@
+// Device-side basics shared by every lowlat kernel: warp arithmetic, memory-ordering PTX, timers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda/std/cstdint>
+
+namespace lowlat {
+
+using cuda::std::int64_t;
+using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+using cuda::std::uint8_t;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__host__ __device__ constexpr long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr long long align_up(long long a, long long b) { return ceil_div(a, b) * b; }
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
+__device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
+
+// Reduce over aligned groups of kLanes lanes (kLanes a power of two <= 32); every lane gets the result.
+template <int kLanes, class T, class Op>
+__device__ __forceinline__ T group_reduce(T value, Op op) {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) value = op(value, __shfl_xor_sync(kFullMask, value, offset));
+    return value;
+}
+struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+struct MinOp { __device__ float operator()(float a, float b) const { return fminf(a, b); } };
+
+// ---- memory ordering ---------------------------------------------------------------------------
+// Flags are 64-bit words written with release and read with acquire at system scope, so the data a
+// peer wrote before its flag (over NVLink or in this GPU's memory) is visible once the flag is.
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
+    uint64_t value;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_sys(uint32_t* ptr, uint32_t value) {
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Loads of data that peers wrote during this kernel's lifetime go through L2 (never the
+// non-coherent path), after the acquire of the flag that published them.
+__device__ __forceinline__ int4 ld_cg(const int4* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ int ld_cg(const int* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ float ld_cg(const float* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ uint32_t ld_cg(const uint32_t* ptr) { return __ldcg(ptr); }
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return now;
+}
+
+// Index of the last element of sorted `begin[0..n)` that is <= value (begin[0] <= value assumed).
+__device__ __forceinline__ int find_segment(const int* begin, int n, int value) {
+    int lo = 0, hi = n;  // answer in [lo, hi)
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (begin[mid] <= value) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+}  // namespace lowlat

@@ -1,0 +1,221 @@
+// Low-latency dispatch: send each token to the ranks that own its top-k experts.
+//
+// dispatch_send (never waits; safe to launch alone in hook mode)
+//   - one warp per token: quantise it once (FP8) into the send buffer, then put it once into every
+//     distinct destination rank (per-rank deduplication: a token bound for three experts on one rank
+//     crosses the link once);
+//   - one warp per global expert: scan top-k in token order and write the destination's routing
+//     table (token, k) and count for this source;
+//   - the last block to finish releases one epoch flag per destination rank.
+// dispatch_recv
+//   - waits for every source's flag (bounded), turns counts into row segments, and expands each
+//     received message into the rows of the local experts that asked for it, in the DeepGEMM
+//     "masked" layout [L, R*T, H] with column-major scales.
+// Row order inside a local expert is deterministic: source rank, then source token.
+#pragma once
+
+#include "common.cuh"
+#include "fp8.cuh"
+#include "region.cuh"
+#include "signal.cuh"
+#include "state.cuh"
+#include "transport.cuh"
+
+namespace lowlat {
+
+namespace dispatch_detail {
+
+// Scan every (token, k) of this rank for `expert` and publish the matches to its owner.
+template <class Cfg>
+__device__ __forceinline__ void route_expert(int expert, const void* topk_idx, int num_tokens, int parity, const Peers& peers,
+                                             const int* rank_mask, uint64_t* state, unsigned long long* status) {
+    using Reg = Region<Cfg>;
+    constexpr int K = Cfg::kNumTopk, T = Cfg::kMaxTokens;
+    const int lane = lane_id();
+    const int dst = expert / Cfg::kNumLocalExperts, local_expert = expert % Cfg::kNumLocalExperts;
+    if (ld_cg(rank_mask + dst)) return;
+    const int total = num_tokens * K;
+    int count = 0;
+#pragma unroll 4
+    for (int base = 0; base < total; base += 32) {
+        const int i = base + lane;
+        const bool hit = i < total && load_expert<Cfg>(topk_idx, i) == expert;
+        const unsigned hits = __ballot_sync(kFullMask, hit);
+        const int slot = count + __popc(hits & lanes_below(lane));
+        if (hit && slot < T) put_u32(peers, dst, Reg::dispatch_route(parity, local_expert, peers.rank, slot), route_entry(i / K, i % K));
+        count += __popc(hits);
+    }
+    if (lane == 0) {
+        if (count > T) report(state, status, kStatusRouteOverflow, peers.rank, expert);  // a token named `expert` twice
+        put_u32(peers, dst, Reg::dispatch_count(parity, local_expert, peers.rank), min(count, T));
+    }
+}
+
+// Quantise (or not) one token and put it into each distinct destination rank's staging.
+template <class Cfg>
+__device__ __forceinline__ void send_token(int token, const __nv_bfloat16* x, const void* topk_idx, bool round_scale, int parity,
+                                           const Peers& peers, const int* rank_mask, uint64_t* state, unsigned long long* status) {
+    using Reg = Region<Cfg>;
+    constexpr int K = Cfg::kNumTopk, H = Cfg::kHidden;
+    const int lane = lane_id();
+    int dst = -1;
+    if (lane < K) {
+        const long long expert = load_expert<Cfg>(topk_idx, token * K + lane);
+        if (expert < -1 || expert >= Cfg::kNumExperts) {
+            report(state, status, kStatusBadExpert, peers.rank, static_cast<int>(expert));
+        } else if (expert >= 0) {
+            dst = static_cast<int>(expert) / Cfg::kNumLocalExperts;
+            if (ld_cg(rank_mask + dst)) dst = -1;
+        }
+    }
+    // One leader lane per distinct destination rank.
+    const unsigned same = __match_any_sync(kFullMask, dst);
+    unsigned leaders = __ballot_sync(kFullMask, dst >= 0 && __ffs(same) - 1 == lane);
+    if (leaders == 0) return;
+
+    const __nv_bfloat16* row = x + static_cast<uint64_t>(token) * H;
+    const void* message = row;
+    uint32_t message_bytes = 2 * H;
+    if constexpr (Cfg::kUseFP8) {
+        uint8_t* staged = peers.local(Reg::send_message(token));
+        fp8::quantize_token<H>(row, staged, round_scale);
+        __syncwarp();
+        message = staged;
+        message_bytes = Cfg::kFP8MessageBytes;
+    }
+    while (leaders != 0) {
+        const int leader = __ffs(leaders) - 1;
+        leaders &= leaders - 1;
+        put_warp(peers, __shfl_sync(kFullMask, dst, leader), Reg::dispatch_message(parity, peers.rank, token), message, message_bytes);
+    }
+}
+
+// Expand one received message into row j of local expert l.
+template <class Cfg>
+__device__ __forceinline__ void store_row(const uint8_t* message, void* recv_x, void* recv_scales, int l, int j) {
+    constexpr int H = Cfg::kHidden, G = H / 128, RT = Cfg::kNumRanks * Cfg::kMaxTokens;
+    const int lane = lane_id();
+    const uint64_t row = static_cast<uint64_t>(l) * RT + j;
+    constexpr int kBytes = Cfg::kUseFP8 ? H : 2 * H;
+    const auto* src = reinterpret_cast<const int4*>(message);
+    auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(recv_x) + row * kBytes);
+#pragma unroll 4
+    for (int c = lane; c < kBytes / 16; c += 32) dst[c] = ld_cg(src + c);
+    if constexpr (Cfg::kUseFP8) {
+        const auto* scales = reinterpret_cast<const float*>(message + H);
+        if constexpr (Cfg::kUseUE8M0) {
+            constexpr int W = (G + 3) / 4;
+            auto* bytes = static_cast<uint8_t*>(recv_scales);
+            for (int g = lane; g < 4 * W; g += 32)
+                bytes[((static_cast<uint64_t>(l) * W + g / 4) * Cfg::kScaleRowStride + j) * 4 + g % 4] = g < G ? fp8::ue8m0_of(ld_cg(scales + g)) : 0;
+        } else {
+            auto* out = static_cast<float*>(recv_scales);
+            for (int g = lane; g < G; g += 32) out[(static_cast<uint64_t>(l) * G + g) * Cfg::kScaleRowStride + j] = ld_cg(scales + g);
+        }
+    }
+}
+
+}  // namespace dispatch_detail
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_bfloat16* __restrict__ x,  // [T, H]
+                                                                      const void* __restrict__ topk_idx,     // [T, K] int64 or int32
+                                                                      const int* __restrict__ num_tokens_ptr,  // device scalar or null
+                                                                      int num_tokens_host,
+                                                                      bool round_scale,
+                                                                      int rank,
+                                                                      const uint64_t* __restrict__ peer_bases,
+                                                                      uint64_t* __restrict__ state,
+                                                                      int* __restrict__ rank_mask,
+                                                                      unsigned long long* __restrict__ status) {
+    constexpr int E = Cfg::kNumExperts, T = Cfg::kMaxTokens;
+    const Peers peers{peer_bases, rank};
+    const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
+    const int num_global_warps = gridDim.x * Cfg::kNumWarps;
+
+    const uint64_t seq = state[kDispatchSendSeq];
+    if (seq - state[kDispatchRecvSeq] >= 2) {  // a third dispatch before the first receive
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusTooManyInFlight, rank, static_cast<int>(seq));
+        return;
+    }
+    int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
+    if (num_tokens < 0 || num_tokens > T) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusBadNumTokens, rank, num_tokens);
+        num_tokens = 0;
+    }
+    const int parity = static_cast<int>(seq & 1);
+
+    // Items [0, E) route one expert each; items [E, E + num_tokens) send one token each.
+    for (int item = global_warp; item < E + num_tokens; item += num_global_warps) {
+        if (item < E) dispatch_detail::route_expert<Cfg>(item, topk_idx, num_tokens, parity, peers, rank_mask, state, status);
+        else dispatch_detail::send_token<Cfg>(item - E, x, topk_idx, round_scale, parity, peers, rank_mask, state, status);
+    }
+
+    if (finish_block(blocks_done(state, kDispatchSendDone))) {
+        for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
+            if (!ld_cg(rank_mask + peer)) signal(peers, peer, Region<Cfg>::dispatch_flag(parity, rank), seq + 1);
+        if (threadIdx.x == 0) state[kDispatchSendSeq] = seq + 1;
+    }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __restrict__ recv_x,         // [L, R*T, H] fp8 or bf16
+                                                                      void* __restrict__ recv_scales,    // [L, G or W, kScaleRowStride] or null
+                                                                      int* __restrict__ recv_count,      // [L]
+                                                                      int* __restrict__ recv_src_info,   // [L, R*T] source token
+                                                                      int* __restrict__ recv_src_topk,   // [L, R*T] source top-k slot
+                                                                      long long* __restrict__ recv_layout_range,  // [L, R] begin << 32 | count
+                                                                      int* __restrict__ cumulative_recv_stats,    // [L] or null
+                                                                      long long* __restrict__ wait_cost_stats,    // [R] or null
+                                                                      int rank,
+                                                                      const uint64_t* __restrict__ peer_bases,
+                                                                      uint64_t* __restrict__ state,
+                                                                      int* __restrict__ rank_mask,
+                                                                      unsigned long long* __restrict__ status,
+                                                                      long long timeout_ns) {
+    using Reg = Region<Cfg>;
+    constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, RT = R * T;
+    const Peers peers{peer_bases, rank};
+    const int lane = lane_id();
+    const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
+    const int num_global_warps = gridDim.x * Cfg::kNumWarps;
+    __shared__ int source_ok[R];
+    __shared__ RowSegments<L, R> segments;
+
+    const uint64_t seq = state[kDispatchRecvSeq];
+    if (seq >= state[kDispatchSendSeq]) {  // nothing was sent for this receive
+        if (blockIdx.x == 0) {
+            if (threadIdx.x == 0) report(state, status, kStatusRecvWithoutSend, rank, static_cast<int>(seq));
+            for (int l = threadIdx.x; l < L; l += blockDim.x) recv_count[l] = 0;
+        }
+        return;
+    }
+    const int parity = static_cast<int>(seq & 1);
+    wait_all_sources<R>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank_mask, source_ok, timeout_ns, state, status, wait_cost_stats);
+    segments.build([&](int l, int s) { return source_ok[s] ? min(ld_cg(reinterpret_cast<const int*>(peers.local(Reg::dispatch_count(parity, l, s)))), T) : 0; });
+
+    if (blockIdx.x == 0) {
+        for (int l = threadIdx.x; l < L; l += blockDim.x) {
+            recv_count[l] = segments.count(l);
+            if (cumulative_recv_stats != nullptr) atomicAdd(cumulative_recv_stats + l, segments.count(l));
+        }
+        for (int i = threadIdx.x; i < L * R; i += blockDim.x)
+            recv_layout_range[i] = (static_cast<long long>(segments.source_begin[i]) << 32) | segments.count(i / R, i % R);
+    }
+
+    for (int row = global_warp; row < segments.total(); row += num_global_warps) {
+        int l, j, s, i;
+        segments.locate(row, l, j, s, i);
+        const uint32_t entry = ld_cg(reinterpret_cast<const uint32_t*>(peers.local(Reg::dispatch_route(parity, l, s, i))));
+        const int token = min(route_token(entry), T - 1);
+        dispatch_detail::store_row<Cfg>(peers.local(Reg::dispatch_message(parity, s, token)), recv_x, recv_scales, l, j);
+        if (lane == 0) {
+            recv_src_info[static_cast<uint64_t>(l) * RT + j] = token;
+            recv_src_topk[static_cast<uint64_t>(l) * RT + j] = route_topk(entry);
+        }
+    }
+
+    if (finish_block(blocks_done(state, kDispatchRecvDone)) && threadIdx.x == 0) state[kDispatchRecvSeq] = seq + 1;
+}
+
+}  // namespace lowlat

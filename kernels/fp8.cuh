@@ -1,0 +1,78 @@
+// FP8 e4m3 quantisation of bf16 tokens, one fp32 scale per 128 channels (DeepEP / DeepGEMM format).
+// lowlat/formats.py holds the reference; tests compare the two bit for bit.
+#pragma once
+
+#include "common.cuh"
+
+namespace lowlat::fp8 {
+
+constexpr float kAmaxFloor = 1e-4f;
+constexpr float kMax = 448.0f;
+constexpr float kInvMax = 1.0f / 448.0f;
+
+__device__ __forceinline__ float pow2(int exponent) {  // exponent in [-126, 127]
+    return __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23);
+}
+
+__device__ __forceinline__ int log2_ceil(float value) {  // value > 0, normal
+    const uint32_t bits = __float_as_uint(value);
+    return static_cast<int>((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffff) != 0);
+}
+
+// scale multiplies the data into fp8 range; scale_inv (what is stored) multiplies it back.
+__device__ __forceinline__ void scales_for(float amax, bool round_scale, float& scale, float& scale_inv) {
+    if (round_scale) {
+        const int exponent = log2_ceil(amax * kInvMax);
+        scale = pow2(-exponent);
+        scale_inv = pow2(exponent);
+    } else {
+        scale_inv = amax * kInvMax;
+        scale = kMax / amax;
+    }
+}
+
+__device__ __forceinline__ uint8_t ue8m0_of(float scale_inv) { return static_cast<uint8_t>(__float_as_uint(scale_inv) >> 23); }
+
+// Quantise one bf16 token row [kHidden] into `out`: kHidden fp8 bytes, then kHidden/128 fp32 scales.
+// Warp-cooperative: each lane takes 8 channels per step, half a warp spans one 128-channel group.
+template <int kHidden>
+__device__ __forceinline__ void quantize_token(const __nv_bfloat16* __restrict__ row, uint8_t* out, bool round_scale) {
+    static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
+    constexpr int kSteps = static_cast<int>(ceil_div(kHidden, 256));
+    const int lane = lane_id();
+    const auto* row4 = reinterpret_cast<const int4*>(row);
+    auto* scales = reinterpret_cast<float*>(out + kHidden);
+#pragma unroll 4
+    for (int step = 0; step < kSteps; ++step) {
+        const int channel = step * 256 + lane * 8;
+        const bool active = channel < kHidden;  // the upper half-warp idles on a trailing 128-group
+        int4 raw = make_int4(0, 0, 0, 0);
+        if (active) raw = __ldg(row4 + channel / 8);
+        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float values[8];
+        float amax = kAmaxFloor;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 v = __bfloat1622float2(pairs[j]);
+            values[2 * j] = v.x;
+            values[2 * j + 1] = v.y;
+            amax = fmaxf(amax, fmaxf(fabsf(v.x), fabsf(v.y)));
+        }
+        amax = group_reduce<16>(amax, MaxOp{});
+        float scale, scale_inv;
+        scales_for(amax, round_scale, scale, scale_inv);
+        if (active) {
+            if ((lane & 15) == 0) scales[channel / 128] = scale_inv;
+            uint32_t packed[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const auto lo = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(values[4 * j], scale), __fmul_rn(values[4 * j + 1], scale)), __NV_SATFINITE, __NV_E4M3);
+                const auto hi = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(values[4 * j + 2], scale), __fmul_rn(values[4 * j + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+                packed[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+            }
+            *reinterpret_cast<uint2*>(out + channel) = make_uint2(packed[0], packed[1]);
+        }
+    }
+}
+
+}  // namespace lowlat::fp8

@@ -1,0 +1,524 @@
+"""``lowlat.Buffer``: low-latency expert-parallel dispatch and combine, CUDA-graph first.
+
+Every shape is fixed at construction, where everything is allocated and every kernel compiled; the
+calls allocate nothing, compile nothing and talk to no host process, so they can be captured in a
+CUDA graph and replayed any number of times.  Per-call state (sequence numbers, buffer parity) lives
+on the device and is advanced by the kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import os
+
+import torch
+
+from . import validation as check
+from .engines import EmulatedEngine, KernelEngine
+from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCaptureError, LowLatencyTimeoutError, ProtocolError,
+                     RoutingError, UnavailableError)
+from .handle import DispatchHandle, EventOverlap, RecvHook
+from .layout import BufferShape, RegionLayout, StateWord, StatusCode
+from .ops import exchange
+from .ops.context import KernelConfig, RankContext
+from .ops.dispatch import DispatchOutputs
+from .transport.base import Transport
+from .transport.local import LocalTransport, LocalWorld
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
+_buffer_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Bytes a Buffer allocated, by purpose (one rank)."""
+
+    symmetric_region: int
+    dispatch_outputs: int
+    combine_outputs: int
+    zero_copy_buffers: int
+    device_state: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+    def __str__(self) -> str:
+        rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)] + [("total", self.total)]
+        return "\n".join(f"{name:>18}: {value / 2**20:10.1f} MiB" for name, value in rows)
+
+    @staticmethod
+    def estimate(shape: BufferShape, *, enable_zero_copy: bool = False) -> "MemoryReport":
+        """What a Buffer of ``shape`` allocates per rank, without building one."""
+        s = shape
+        rows = s.num_local_experts * s.rows_per_expert
+        per_slot = (rows * 2 * s.hidden  # recv_x, bf16-capable
+                    + s.num_local_experts * s.num_groups * s.scale_row_stride * 4  # scales
+                    + s.num_local_experts * 4 + 2 * rows * 4 + s.num_local_experts * s.num_ranks * 8)  # counts, sources, ranges
+        return MemoryReport(
+            symmetric_region=RegionLayout.of(s).total_bytes,
+            dispatch_outputs=2 * per_slot,
+            combine_outputs=2 * s.max_tokens_per_rank * s.hidden * 2,
+            zero_copy_buffers=2 * rows * s.hidden * 2 if enable_zero_copy else 0,
+            device_state=StateWord.NUM_STATE_WORDS * 8 + s.num_ranks * 4,
+        )
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Buffer:
+    """Low-latency dispatch/combine between the ranks of ``group``, with DeepEP LL semantics and formats.
+
+    Args:
+        group: a ``torch.distributed`` process group (one process per GPU on one node: the ``ipc``
+            transport), or a :class:`~lowlat.transport.base.Transport` (see :meth:`local_group`).
+        max_tokens_per_rank: T, the most tokens any rank dispatches in one call.
+        hidden: H, any multiple of 128.
+        num_experts: E, a multiple of the number of ranks (each owns E / R experts), at most 2048.
+        num_topk: K, experts per token (at most 32).
+        transport: ``"auto"`` / ``"ipc"`` for process groups (``"nvshmem"``, for several nodes, is
+            not implemented yet).
+        num_sms: blocks per kernel (default: every SM; ``SMs / R`` for virtual ranks on one GPU).
+        timeout_s: how long a receive waits for a peer before it masks it and reports a timeout.
+        enable_zero_copy: allocate the two bf16 ``[L, R*T, hidden]`` buffers that
+            ``get_next_low_latency_combine_buffer`` returns (off by default: on peer-memory
+            transports combine reads the expert outputs wherever they are, so they save nothing).
+        validate_routing: check ``topk_idx`` fully on the host before each eager call (synchronises;
+            the kernels always detect bad indices themselves and report them at the next call).
+    """
+
+    def __init__(self, group, *, max_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int,
+                 transport: str = "auto", num_sms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 enable_zero_copy: bool = False, validate_routing: bool = False):
+        if _capturing():
+            raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
+        self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
+        self.layout = RegionLayout.of(self.shape)
+        self.transport = group if isinstance(group, Transport) else _ipc_transport(group, transport, self.layout.total_bytes)
+        self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
+        if self.transport.region_bytes < self.layout.total_bytes:
+            raise ArgumentError(f"the transport's region has {self.transport.region_bytes} bytes, {self.layout.total_bytes} needed")
+        if not timeout_s > 0:
+            raise ArgumentError(f"timeout_s must be > 0, got {timeout_s}")
+        self.device = self.transport.device
+        self.buffer_id = next(_buffer_ids)
+        self.timeout_s = float(timeout_s)
+        self.validate_routing = check.flag("validate_routing", validate_routing)
+        self._ctx = self._make_context(num_sms)
+        self._engine = KernelEngine(self._ctx) if self.device.type == "cuda" else EmulatedEngine(self._ctx, self.transport)
+        self._outputs = [self._allocate_dispatch_outputs() for _ in range(2)]
+        s = self.shape
+        self._combined = [torch.empty(s.max_tokens_per_rank, s.hidden, dtype=torch.bfloat16, device=self.device) for _ in range(2)]
+        self._zero_copy = [torch.empty(s.num_local_experts, s.rows_per_expert, s.hidden, dtype=torch.bfloat16, device=self.device)
+                           for _ in range(2)] if enable_zero_copy else None
+        self._next_slot = 0
+        self._pending: dict[str, collections.deque] = {"dispatch": collections.deque(), "combine": collections.deque()}
+        self._comm_stream = getattr(self.transport, "stream", None)
+        if self._comm_stream is None and self.device.type == "cuda":
+            self._comm_stream = torch.cuda.Stream(self.device)
+        self.warmup()
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def local_group(cls, num_ranks: int, *, device=None, **kwargs) -> list["Buffer"]:
+        """``num_ranks`` virtual ranks in this process on one device (the ``local`` transport).
+
+        ``device`` defaults to the current GPU, or the CPU (emulated kernels) when there is none.
+        Every rank has its own region and stream; returns the Buffers in rank order.
+        """
+        if _capturing():
+            raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        probe = BufferShape(num_ranks, kwargs["num_experts"], kwargs["num_topk"], kwargs["hidden"], kwargs["max_tokens_per_rank"])
+        world = LocalWorld(num_ranks, RegionLayout.of(probe).total_bytes, device)
+        return [cls(world.transport(rank), **kwargs) for rank in range(num_ranks)]
+
+    def _make_context(self, num_sms) -> RankContext:
+        if self.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            default = max(1, sms // self.num_ranks) if isinstance(self.transport, LocalTransport) else sms
+            status = torch.zeros(1, dtype=torch.int64, pin_memory=True)  # written by kernels, read without a sync
+        else:
+            default, status = 1, torch.zeros(1, dtype=torch.int64)
+        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+            raise ArgumentError(f"num_sms must be a positive int, got {num_sms!r}")
+        return RankContext(
+            config=KernelConfig(self.layout),
+            rank=self.rank,
+            peer_bases=self.transport.peer_bases,
+            state=torch.zeros(StateWord.NUM_STATE_WORDS, dtype=torch.int64, device=self.device),
+            rank_mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device),
+            status=status,
+            timeout_ns=int(self.timeout_s * 1e9),
+            num_blocks=num_sms or default,
+        )
+
+    def _allocate_dispatch_outputs(self) -> DispatchOutputs:
+        s, device = self.shape, self.device
+        return DispatchOutputs(
+            recv_x=torch.empty(s.num_local_experts, s.rows_per_expert, 2 * s.hidden, dtype=torch.uint8, device=device),
+            recv_scales=torch.empty(s.num_local_experts, s.num_groups, s.scale_row_stride, dtype=torch.float32, device=device),
+            recv_count=torch.zeros(s.num_local_experts, dtype=torch.int32, device=device),
+            recv_src_info=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
+            recv_src_topk=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
+            recv_layout_range=torch.zeros(s.num_local_experts, s.num_ranks, dtype=torch.int64, device=device),
+        )
+
+    def warmup(self) -> None:
+        """Compile and load every kernel this Buffer can launch (the constructor already does)."""
+        if _capturing():
+            raise GraphCaptureError("Buffer.warmup() compiles and loads kernels: call it before CUDA graph capture")
+        self._engine.warmup()
+
+    # -- dispatch ----------------------------------------------------------------------------------------
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, *, use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                             cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None, num_tokens=None):
+        """Send each token to the ranks owning its experts.
+
+        Args:
+            x: bf16 ``[n, hidden]``, ``n <= max_tokens_per_rank``.
+            topk_idx: int64 or int32 ``[n, num_topk]``; ``-1`` means no expert.
+            use_fp8: cast to FP8 e4m3 with one fp32 scale per 128 channels inside the send.
+            round_scale: power-of-two scales.  use_ue8m0: scales as packed exponent bytes (needs round_scale).
+            num_tokens: None (all ``n`` rows), an int, or an int32 device scalar, so that one captured
+                graph serves every batch size up to ``n``.
+            cumulative_local_expert_recv_stats: int32 ``[num_local_experts]``, += rows received.
+            dispatch_wait_recv_cost_stats: int64 ``[num_ranks]``, += clock cycles spent waiting per source.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is bf16 ``[L, R*T, hidden]``
+        or ``(fp8 [L, R*T, hidden], scales)`` with fp32 scales ``[L, R*T, hidden/128]`` or int32 UE8M0
+        ``[L, R*T, ceil(hidden/512)]``, column-major in the last two dimensions; only the first
+        ``recv_count[l]`` rows of local expert l are valid (ordered by source rank, then token).
+        The outputs are the Buffer's own storage (two slots, used alternately): they stay valid until
+        the next-but-one dispatch.
+        """
+        self.check_status()
+        s = self.shape
+        for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
+                            ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):
+            check.flag(name, value)
+        if round_scale and not use_fp8:
+            raise ArgumentError("round_scale=True needs use_fp8=True")
+        if use_ue8m0 and not round_scale:
+            raise ArgumentError("use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
+        x = check.tensor("x", x, dtypes=(torch.bfloat16,), shape=(None, s.hidden), device=self.device)
+        n = x.shape[0]
+        if n > s.max_tokens_per_rank:
+            raise ArgumentError(f"x has {n} tokens, more than max_tokens_per_rank={s.max_tokens_per_rank}")
+        topk_idx = check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
+        num_tokens, num_tokens_device = check.num_tokens_arg(num_tokens, n, self.device)
+        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32, s.num_local_experts)
+        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, torch.int64, s.num_ranks)
+        self._check_modes(async_finish, return_recv_hook, "dispatch")
+        if self.validate_routing and not _capturing():
+            check.routing(topk_idx, s.num_experts, num_tokens)
+
+        slot = self._take_slot()
+        out = self._outputs[slot]
+        handle = DispatchHandle(self.buffer_id, slot, out, n, num_tokens_device, s.max_tokens_per_rank, s.hidden, s.num_experts)
+        recv_x = self._recv_views(out, use_fp8, use_ue8m0)
+        event, hook = self._issue(
+            "dispatch",
+            send=lambda: self._engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8=use_fp8, round_scale=round_scale),
+            receive=lambda: self._engine.dispatch_recv(out, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
+                                                       cumulative_recv_stats=cumulative_local_expert_recv_stats,
+                                                       wait_cost_stats=dispatch_wait_recv_cost_stats),
+            async_finish=async_finish, return_recv_hook=return_recv_hook, inputs=(x, topk_idx))
+        return recv_x, out.recv_count, handle, event, hook
+
+    def _recv_views(self, out: DispatchOutputs, use_fp8: bool, use_ue8m0: bool):
+        s = self.shape
+        if not use_fp8:
+            return out.recv_x.view(torch.bfloat16)
+        data = out.recv_x.view(-1)[: s.num_local_experts * s.rows_per_expert * s.hidden]
+        data = data.view(torch.float8_e4m3fn).view(s.num_local_experts, s.rows_per_expert, s.hidden)
+        if use_ue8m0:
+            words = out.recv_scales.view(torch.int32).view(-1)[: s.num_local_experts * s.num_ue8m0_words * s.scale_row_stride]
+            storage = words.view(s.num_local_experts, s.num_ue8m0_words, s.scale_row_stride)
+        else:
+            storage = out.recv_scales
+        return data, storage[:, :, : s.rows_per_expert].transpose(1, 2)
+
+    # -- combine -----------------------------------------------------------------------------------------
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, *,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: torch.Tensor | None = None,
+                            combine_wait_recv_cost_stats: torch.Tensor | None = None):
+        """Bring expert outputs back and reduce them: ``out[t] = sum_k topk_weights[t, k] * y(t, k)``.
+
+        Args:
+            x: bf16 ``[L, R*T, hidden]`` expert outputs in the dispatch layout of ``handle`` (with
+                ``zero_copy=True``: the tensor ``get_next_low_latency_combine_buffer(handle)`` returned).
+            topk_idx / topk_weights: the ``[n, num_topk]`` routing of the dispatch (weights float32).
+            use_logfmt: LogFMT-10 on the wire (not with zero_copy).
+            out: optional bf16 ``[n, hidden]`` to write into.
+            combine_wait_recv_cost_stats: int64 ``[num_ranks]``, += clock cycles spent waiting per source.
+
+        Returns ``(combined_x bf16 [n, hidden], event, hook)``; the sum runs in fp32 in top-k order.
+        """
+        self.check_status()
+        s = self.shape
+        for name, value in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
+                            ("return_recv_hook", return_recv_hook)):
+            check.flag(name, value)
+        if not isinstance(handle, DispatchHandle):
+            raise ArgumentTypeError(f"handle must be the DispatchHandle low_latency_dispatch returned, got {type(handle).__name__}")
+        if handle.buffer_id != self.buffer_id:
+            raise ArgumentError(f"handle comes from Buffer #{handle.buffer_id}, not from this Buffer (#{self.buffer_id})")
+        if zero_copy and use_logfmt:
+            raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
+        n = handle.num_tokens
+        x = check.tensor("x", x, dtypes=(torch.bfloat16,), shape=(s.num_local_experts, s.rows_per_expert, s.hidden), device=self.device)
+        if zero_copy and x.data_ptr() != self.get_next_low_latency_combine_buffer(handle).data_ptr():
+            raise ArgumentError("zero_copy=True expects x to be get_next_low_latency_combine_buffer(handle)")
+        topk_idx = check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
+        topk_weights = check.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(n, s.num_topk), device=self.device)
+        if out is None:
+            out = self._combined[handle.slot][:n]
+        else:
+            out = check.tensor("out", out, dtypes=(torch.bfloat16,), shape=(n, s.hidden), device=self.device)
+        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, s.num_ranks)
+        self._check_modes(async_finish, return_recv_hook, "combine")
+
+        event, hook = self._issue(
+            "combine",
+            send=lambda: self._engine.combine_send(x, handle.layout, use_logfmt=use_logfmt),
+            receive=lambda: self._engine.combine_recv(out, topk_idx, topk_weights, n, handle.num_tokens_device,
+                                                      use_logfmt=use_logfmt, wait_cost_stats=combine_wait_recv_cost_stats),
+            async_finish=async_finish, return_recv_hook=return_recv_hook, inputs=(x, topk_idx, topk_weights))
+        return out, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: DispatchHandle) -> torch.Tensor:
+        """bf16 ``[L, R*T, hidden]`` a GEMM epilogue may write the expert outputs into, followed by
+        ``low_latency_combine(buffer, ..., zero_copy=True)``.  lowlat's peer-memory transports read
+        the outputs from wherever they are, so this saves no copy there; it exists for DeepEP
+        compatibility (and for transports that can only send from registered memory)."""
+        if self._zero_copy is None:
+            raise ArgumentError("this Buffer was built without enable_zero_copy=True")
+        if not isinstance(handle, DispatchHandle) or handle.buffer_id != self.buffer_id:
+            raise ArgumentError("handle must be a DispatchHandle of this Buffer")
+        return self._zero_copy[handle.slot]
+
+    # -- issuing halves ----------------------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot ^= 1
+        return slot
+
+    def _check_stats(self, name: str, value, dtype: torch.dtype, size: int) -> None:
+        if value is not None:
+            check.tensor(name, value, dtypes=(dtype,), shape=(size,), device=self.device)
+
+    def _check_modes(self, async_finish: bool, return_recv_hook: bool, kind: str) -> None:
+        if async_finish and return_recv_hook:
+            raise ArgumentError("async_finish=True and return_recv_hook=True cannot be combined")
+        pending = len(self._pending[kind])
+        if return_recv_hook and pending >= 2:
+            raise ArgumentError(f"two {kind} receive hooks are pending: call the older one before sending a third {kind}")
+        if not return_recv_hook and pending:
+            raise ArgumentError(f"a {kind} receive hook is pending: call it before a {kind} without return_recv_hook")
+
+    def _issue(self, kind: str, *, send, receive, async_finish: bool, return_recv_hook: bool, inputs):
+        if return_recv_hook:
+            send()
+            hook = RecvHook(kind, receive, self._run_hook)
+            self._pending[kind].append(hook)
+            return EventOverlap(), hook
+        if async_finish and self.device.type == "cuda":
+            current, comm = torch.cuda.current_stream(self.device), self._comm_stream
+            comm.wait_stream(current)
+            with torch.cuda.stream(comm):
+                send()
+                receive()
+                event = torch.cuda.Event()
+                event.record(comm)
+            for tensor in inputs:
+                tensor.record_stream(comm)
+            return EventOverlap(event), None
+        send()
+        receive()
+        return EventOverlap(), None
+
+    def _run_hook(self, hook: RecvHook) -> None:
+        pending = self._pending[hook.kind]
+        if hook.done:
+            raise ArgumentError(f"this {hook.kind} receive hook was already called")
+        if not pending or pending[0] is not hook:
+            raise ArgumentError(f"{hook.kind} receive hooks must be called in the order their sends were issued")
+        pending.popleft()
+        hook.done = True
+        hook.receive()
+        self.check_status()  # after the receive, so an error leaves no hook half-consumed
+
+    # -- status, masks, maintenance ---------------------------------------------------------------------
+
+    def check_status(self) -> None:
+        """Raise the typed error a kernel reported since the last check (reads pinned host memory;
+        no synchronisation, so an error surfaces at the first check after the kernel ran)."""
+        word = int(self._ctx.status[0])
+        if word == 0:
+            return
+        self._ctx.status[0] = 0
+        self._ctx.state[StateWord.STATUS] = 0  # the device copy, ordered after the kernels that reported
+        code, rank, value = (word >> 56) & 0xFF, (word >> 32) & 0xFFFFFF, word & 0xFFFFFFFF
+        value = value - (1 << 32) if value >= 1 << 31 else value
+        raise _status_error(StatusCode(code), self.rank, rank, value, self.timeout_s)
+
+    def synchronize(self) -> None:
+        """Wait for this device's work, then :meth:`check_status`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.check_status()
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Exclude (``mask=True``) or re-admit a rank: nothing is sent to or awaited from a masked rank."""
+        if not 0 <= rank_to_mask < self.num_ranks:
+            raise ArgumentError(f"rank_to_mask must be in [0, {self.num_ranks}), got {rank_to_mask}")
+        self._ctx.rank_mask[rank_to_mask] = int(bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask (int32 ``[num_ranks]``, 1 = masked) into ``mask_status``."""
+        check.tensor("mask_status", mask_status, dtypes=(torch.int32,), shape=(self.num_ranks,))
+        mask_status.copy_(self._ctx.rank_mask)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        self._ctx.rank_mask.zero_()
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int | None = None, hidden: int | None = None,
+                                 num_experts: int | None = None) -> None:
+        """Collective reset of the device state (sequence numbers, flags, mask, status).
+
+        Epoch flags make this unnecessary in normal operation; it is the way back after a timeout
+        left the ranks' call counters apart.  Every rank must call it, outside graph capture.
+        """
+        if _capturing():
+            raise GraphCaptureError("clean_low_latency_buffer synchronises the ranks: call it outside graph capture")
+        for name, value, expected in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, self.shape.max_tokens_per_rank),
+                                      ("hidden", hidden, self.shape.hidden), ("num_experts", num_experts, self.shape.num_experts)):
+            if value is not None and value != expected:
+                raise ArgumentError(f"{name}={value} differs from this Buffer's {expected}")
+        if any(self._pending.values()):
+            raise ArgumentError("receive hooks are pending: call them before clean_low_latency_buffer")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.transport.barrier()
+        self.transport.region.zero_()
+        self._ctx.state.zero_()
+        self._ctx.rank_mask.zero_()
+        self._ctx.status.zero_()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.transport.barrier()
+
+    def exchange_words(self, words: torch.Tensor) -> torch.Tensor:
+        """All-gather int64 ``[4]`` from every rank through peer memory (a device-side barrier):
+        returns int64 ``[num_ranks, 4]``.  Every rank must call it; capturable."""
+        words = check.tensor("words", words, dtypes=(torch.int64,), shape=(4,), device=self.device)
+        gathered = torch.empty(self.num_ranks, 4, dtype=torch.int64, device=self.device)
+        if self.device.type != "cuda":
+            raise UnavailableError("exchange_words runs a CUDA kernel; it needs a GPU")
+        exchange.allgather_words(self._ctx, words, gathered)
+        return gathered
+
+    # -- DeepEP-compatible odds and ends ----------------------------------------------------------------
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
+                                       num_topk: int | None = None) -> int:
+        """Bytes of the symmetric region (per rank) a Buffer of these shapes uses.  ``num_topk``
+        defaults to the largest supported, min(32, num_experts)."""
+        topk = num_topk if num_topk is not None else min(32, num_experts)
+        return RegionLayout.of(BufferShape(num_ranks, num_experts, topk, hidden, num_max_dispatch_tokens_per_rank)).total_bytes
+
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        return self._comm_stream
+
+    def capture(self) -> EventOverlap:
+        """An event recorded on the current stream now (DeepEP's ``Buffer.capture``)."""
+        if self.device.type != "cuda":
+            return EventOverlap()
+        event = torch.cuda.Event()
+        event.record()
+        return EventOverlap(event)
+
+    def memory_report(self) -> MemoryReport:
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        outputs = [t for o in self._outputs for t in dataclasses.astuple(o) if t is not None]
+        return MemoryReport(
+            symmetric_region=self.transport.region_bytes,
+            dispatch_outputs=size(outputs),
+            combine_outputs=size(self._combined),
+            zero_copy_buffers=size(self._zero_copy or []),
+            device_state=size([self._ctx.state, self._ctx.rank_mask]),
+        )
+
+    def destroy(self) -> None:
+        """Release the transport (collective for ``ipc``: every rank calls it)."""
+        self.transport.barrier()
+        self.transport.close()
+
+    def __repr__(self) -> str:
+        s = self.shape
+        return (f"lowlat.Buffer(rank={self.rank}/{self.num_ranks}, transport={self.transport.kind}, device={self.device}, "
+                f"T={s.max_tokens_per_rank}, hidden={s.hidden}, experts={s.num_experts}, topk={s.num_topk})")
+
+
+def _group_size(group) -> int:
+    if isinstance(group, Transport):
+        return group.num_ranks
+    import torch.distributed as dist
+
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return dist.get_world_size(group)
+    raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or a lowlat Transport, got {type(group).__name__}")
+
+
+def _ipc_transport(group, kind: str, region_bytes: int) -> Transport:
+    if kind not in ("auto", "ipc", "nvshmem"):
+        raise ArgumentError(f"transport must be 'auto', 'ipc' or 'nvshmem', got {kind!r}")
+    if kind == "nvshmem":
+        raise UnavailableError("the nvshmem transport (several nodes) is not implemented yet; use 'ipc' within a node")
+    if not torch.cuda.is_available():
+        raise UnavailableError("the ipc transport needs CUDA GPUs; use Buffer.local_group for virtual ranks on the CPU")
+    from .transport.ipc import IpcTransport
+
+    return IpcTransport(group, region_bytes)
+
+
+def _status_error(code: StatusCode, me: int, rank: int, value: int, timeout_s: float) -> DeviceError:
+    where = f"rank {me}"
+    if code is StatusCode.TIMEOUT:
+        return LowLatencyTimeoutError(f"{where}: rank {rank} sent nothing for {timeout_s:g} s; it is masked now "
+                                      "(low_latency_clean_mask_buffer / clean_low_latency_buffer to recover)",
+                                      code=code, rank=rank, value=value)
+    if code is StatusCode.OVERRUN:
+        return ProtocolError(f"{where}: rank {rank} is two calls ahead and reused a buffer this call still needed",
+                             code=code, rank=rank, value=value)
+    if code is StatusCode.TOO_MANY_IN_FLIGHT:
+        return ProtocolError(f"{where}: a third send was issued before the first receive (call {value}); it was dropped",
+                             code=code, rank=rank, value=value)
+    if code is StatusCode.RECV_WITHOUT_SEND:
+        return ProtocolError(f"{where}: a receive ran with no send pending (call {value})", code=code, rank=rank, value=value)
+    if code is StatusCode.BAD_EXPERT:
+        return RoutingError(f"{where}: topk_idx held expert index {value}, outside [-1, num_experts); treated as -1",
+                            code=code, rank=rank, value=value)
+    if code is StatusCode.BAD_NUM_TOKENS:
+        return RoutingError(f"{where}: num_tokens={value} is outside [0, max_tokens_per_rank]; nothing was sent",
+                            code=code, rank=rank, value=value)
+    if code is StatusCode.ROUTE_OVERFLOW:
+        return RoutingError(f"{where}: a token named expert {value} twice; its extra rows were dropped",
+                            code=code, rank=rank, value=value)
+    return DeviceError(f"{where}: unknown device status {int(code)}", code=code, rank=rank, value=value)

@@ -1,0 +1,1 @@
+"""Drop-in facades for other libraries' APIs (``lowlat.compat.deep_ep``)."""

@@ -1,0 +1,30 @@
+"""The interface both engines implement (one instance per rank of a Buffer)."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from ..ops.dispatch import DispatchOutputs
+
+
+class Engine(abc.ABC):
+    @abc.abstractmethod
+    def warmup(self) -> None:
+        """Do every piece of set-up a call could need (compile and load kernels)."""
+
+    @abc.abstractmethod
+    def dispatch_send(self, x: torch.Tensor, topk_idx: torch.Tensor, num_tokens: int, num_tokens_device: torch.Tensor | None,
+                      *, use_fp8: bool, round_scale: bool) -> None: ...
+
+    @abc.abstractmethod
+    def dispatch_recv(self, out: DispatchOutputs, *, use_fp8: bool, use_ue8m0: bool,
+                      cumulative_recv_stats: torch.Tensor | None, wait_cost_stats: torch.Tensor | None) -> None: ...
+
+    @abc.abstractmethod
+    def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, *, use_logfmt: bool) -> None: ...
+
+    @abc.abstractmethod
+    def combine_recv(self, out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int,
+                     num_tokens_device: torch.Tensor | None, *, use_logfmt: bool, wait_cost_stats: torch.Tensor | None) -> None: ...

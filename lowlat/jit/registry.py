@@ -1,0 +1,32 @@
+"""The kernel specialisations lowlat ships, in one place.
+
+Kernels are specialised for each Buffer's shapes at run time, so there is no whitelist; this list
+names the shapes ``python -m lowlat.jit --check`` compiles to prove every kernel family builds:
+DeepSeek-V3 decode (the standard benchmark shape), a single rank, and awkward shapes (a hidden size
+that is not a multiple of 256, an odd top-k, many experts).
+"""
+
+from __future__ import annotations
+
+from ..layout import BufferShape, RegionLayout
+from .spec import KernelSpec
+
+SHIPPED_SHAPES = (
+    BufferShape(num_ranks=8, num_experts=256, num_topk=8, hidden=7168, max_tokens_per_rank=128),  # standard
+    BufferShape(num_ranks=1, num_experts=256, num_topk=8, hidden=7168, max_tokens_per_rank=128),
+    BufferShape(num_ranks=2, num_experts=1024, num_topk=16, hidden=4096, max_tokens_per_rank=64),
+    BufferShape(num_ranks=4, num_experts=36, num_topk=5, hidden=384, max_tokens_per_rank=13),
+)
+
+
+def shipped_specs(shapes=SHIPPED_SHAPES) -> list[KernelSpec]:
+    from ..ops import combine, dispatch, exchange
+    from ..ops.context import KernelConfig
+
+    specs: list[KernelSpec] = []
+    for shape in shapes:
+        config = KernelConfig(RegionLayout.of(shape))
+        specs.append(exchange.exchange_spec(config))
+        specs.extend(dispatch.all_specs(config))
+        specs.extend(combine.all_specs(config))
+    return specs

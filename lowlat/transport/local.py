@@ -1,0 +1,53 @@
+"""``local``: R virtual ranks in one process, on one GPU (or on the CPU for the emulated engine).
+
+Each rank gets its own region, allocated by PyTorch on the same device, and its own stream.  This is
+how the multi-rank logic is tested without several GPUs, and it lets engine developers run their EP
+code on one GPU.  Kernels that wait for peers must be co-resident, so a Buffer on this transport
+uses at most ``SMs / R`` blocks per kernel; in hook mode every send half completes without waiting,
+so the ranks may also run one after another on one stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ArgumentError
+from .base import Transport
+
+
+class LocalWorld:
+    """The regions of ``num_ranks`` virtual ranks; ``world.transport(r)`` is rank r's view."""
+
+    def __init__(self, num_ranks: int, region_bytes: int, device: torch.device | str):
+        if num_ranks < 1:
+            raise ArgumentError(f"num_ranks must be >= 1, got {num_ranks}")
+        self.num_ranks = num_ranks
+        self.device = torch.device(device)
+        self.regions = [torch.zeros(region_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_ranks)]
+        self.peer_bases = torch.tensor([r.data_ptr() for r in self.regions], dtype=torch.int64, device=self.device)
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(num_ranks)] if self.device.type == "cuda" else [None] * num_ranks
+
+    def transport(self, rank: int) -> "LocalTransport":
+        if not 0 <= rank < self.num_ranks:
+            raise ArgumentError(f"rank must be in [0, {self.num_ranks}), got {rank}")
+        return LocalTransport(self, rank)
+
+
+class LocalTransport(Transport):
+    kind = "local"
+
+    def __init__(self, world: LocalWorld, rank: int):
+        self.world = world
+        self.rank = rank
+        self.num_ranks = world.num_ranks
+        self.region = world.regions[rank]
+        self.peer_bases = world.peer_bases  # every virtual rank sees the same addresses
+        self.stream = world.streams[rank]
+
+    def peer_region(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s region (only the local transport can hand out peers' memory as tensors)."""
+        return self.world.regions[rank]
+
+    def barrier(self) -> None:
+        # All virtual ranks are driven by this one host thread: there is nothing to wait for.
+        return None

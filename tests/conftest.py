@@ -1,0 +1,14 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU: this machine has no CUDA device (runs on the GPU machines via bench/gpu_check.sh)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped, with that reason, where there is none)")

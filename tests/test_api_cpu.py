@@ -1,0 +1,306 @@
+"""The whole Buffer API on the CPU: virtual ranks on the local transport, driven by the emulated
+engine (the kernels' protocol in PyTorch: same bytes, sequence numbers, flags, masks, status).  These
+run in CI; the same checks run against the CUDA kernels in test_gpu_kernels.py."""
+
+import time
+
+import pytest
+import torch
+
+import lowlat
+from lowlat.errors import ArgumentError, ArgumentTypeError, LowLatencyTimeoutError, RoutingError
+from lowlat.layout import StateWord
+from helpers import (check_combine, check_dispatch, combine_all, dispatch_all, expert_outputs, make_inputs, reference_combined,
+                     reference_for, run_all)
+
+SHAPE = dict(max_tokens_per_rank=6, hidden=256, num_experts=8, num_topk=3)
+DISPATCH_MODES = {
+    "bf16": dict(use_fp8=False),
+    "fp8": dict(use_fp8=True),
+    "fp8_round": dict(use_fp8=True, round_scale=True),
+    "fp8_ue8m0": dict(use_fp8=True, round_scale=True, use_ue8m0=True),
+}
+_groups = {}
+
+
+def cpu_group(num_ranks, **overrides):
+    shape = dict(SHAPE, **overrides)
+    key = (num_ranks, tuple(sorted(shape.items())))
+    if key not in _groups:
+        _groups[key] = lowlat.Buffer.local_group(num_ranks, device="cpu", timeout_s=2.0, enable_zero_copy=True, **shape)
+    return _groups[key]
+
+
+def round_trip(buffers, inputs, dispatch_mode, *, use_logfmt=False, zero_copy=False, hook=True, device_num_tokens=False):
+    s = buffers[0].shape
+    options = DISPATCH_MODES[dispatch_mode]
+    results = dispatch_all(buffers, inputs, hook=hook, concurrent=not hook, device_num_tokens=device_num_tokens, **options)
+    for b in buffers:
+        b.check_status()
+    refs = reference_for(inputs, s.num_experts, s.max_tokens_per_rank, use_fp8=options["use_fp8"],
+                         round_scale=options.get("round_scale", False))
+    check_dispatch(results, refs, use_fp8=options["use_fp8"], use_ue8m0=options.get("use_ue8m0", False))
+    ys = expert_outputs(results, refs, use_fp8=options["use_fp8"])
+    if zero_copy:
+        for r, b in enumerate(buffers):
+            target = b.get_next_low_latency_combine_buffer(results[r][2])
+            target.copy_(ys[r])
+            ys[r] = target
+    outs = combine_all(buffers, inputs, ys, results, hook=hook, concurrent=not hook, use_logfmt=use_logfmt, zero_copy=zero_copy)
+    for b in buffers:
+        b.check_status()
+    expected = reference_combined(inputs, ys, refs, use_logfmt=use_logfmt)
+    check_combine(outs, expected, inputs=inputs, ys=ys, refs=refs, use_logfmt=use_logfmt)
+    return results, outs
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+@pytest.mark.parametrize("dispatch_mode", list(DISPATCH_MODES))
+@pytest.mark.parametrize("combine_mode", ["bf16", "logfmt", "zero_copy"])
+def test_round_trip_hook_mode(num_ranks, dispatch_mode, combine_mode):
+    buffers = cpu_group(num_ranks)
+    inputs = make_inputs(num_ranks, 6, 256, 8, 3, seed=num_ranks * 7 + len(dispatch_mode))
+    round_trip(buffers, inputs, dispatch_mode, use_logfmt=combine_mode == "logfmt", zero_copy=combine_mode == "zero_copy")
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_round_trip_concurrent_ranks(num_ranks):
+    """Non-hook calls: each virtual rank on its own host thread, waiting for the others' flags."""
+    buffers = cpu_group(num_ranks)
+    for seed in range(3):
+        round_trip(buffers, make_inputs(num_ranks, 6, 256, 8, 3, seed=seed), "fp8", hook=False)
+
+
+@pytest.mark.parametrize("routing", ["one_expert", "all_minus_one", "zero_tokens_rank", "partial"])
+def test_adversarial_routing(routing):
+    buffers = cpu_group(4)
+    inputs = make_inputs(4, 6, 256, 8, 3, seed=3, routing=routing)
+    round_trip(buffers, inputs, "fp8")
+    round_trip(buffers, inputs, "bf16", use_logfmt=True, device_num_tokens=True)
+
+
+def test_logfmt_chunks_are_encoded_in_these_inputs():
+    """Guard against a vacuous LogFMT test: the test data must contain encodable chunks and raw ones."""
+    from lowlat import formats
+    buffers = cpu_group(2)
+    inputs = make_inputs(2, 6, 256, 8, 3, seed=1)
+    results = dispatch_all(buffers, inputs, hook=True, use_fp8=False)
+    refs = reference_for(inputs, 8, 6, use_fp8=False)
+    ys = expert_outputs(results, refs, use_fp8=False)
+    castable = torch.cat([formats.logfmt_encode(torch.nan_to_num(y[l, : int(r[1][l])], nan=0.0)).castable.flatten()
+                          for y, r in zip(ys, results) for l in range(4)])
+    assert castable.any() and not castable.all()
+    outs = combine_all(buffers, inputs, ys, results, hook=True, use_logfmt=True)
+    check_combine(outs, reference_combined(inputs, ys, refs, use_logfmt=True), inputs=inputs, ys=ys, refs=refs, use_logfmt=True)
+
+
+def test_outputs_alternate_between_two_slots_and_handles_stay_valid():
+    buffers = cpu_group(2)
+    first = make_inputs(2, 6, 256, 8, 3, seed=10)
+    second = make_inputs(2, 6, 256, 8, 3, seed=11)
+    r1 = dispatch_all(buffers, first, hook=True, use_fp8=False)
+    r2 = dispatch_all(buffers, second, hook=True, use_fp8=False)
+    assert r1[0][2].slot != r2[0][2].slot
+    # Both micro-batches' results are alive at once (two-batch overlap); combine them in either order.
+    for inputs, results in ((second, r2), (first, r1)):
+        refs = reference_for(inputs, 8, 6, use_fp8=False)
+        check_dispatch(results, refs, use_fp8=False)
+        ys = expert_outputs(results, refs, use_fp8=False)
+        outs = combine_all(buffers, inputs, ys, results, hook=True)
+        check_combine(outs, reference_combined(inputs, ys, refs, use_logfmt=False))
+
+
+def test_statistics_accumulate():
+    buffers = cpu_group(2)
+    inputs = make_inputs(2, 6, 256, 8, 3, seed=4)
+    refs = reference_for(inputs, 8, 6, use_fp8=True)
+    recv_stats = [torch.zeros(4, dtype=torch.int32) for _ in buffers]
+    waits = [torch.zeros(2, dtype=torch.int64) for _ in buffers]
+    for _ in range(3):
+        results = run_all(buffers, lambda r, b, h: b.low_latency_dispatch(
+            inputs[r].x, inputs[r].topk_idx, cumulative_local_expert_recv_stats=recv_stats[r],
+            dispatch_wait_recv_cost_stats=waits[r], return_recv_hook=h), hook=True)
+        ys = expert_outputs(results, refs, use_fp8=True)
+        combine_all(buffers, inputs, ys, results, hook=True)
+    for r in range(2):
+        assert torch.equal(recv_stats[r], 3 * refs[r].recv_count)
+        assert (waits[r] >= 0).all()
+
+
+def test_hook_order_and_misuse():
+    buffers = cpu_group(2)
+    inputs = make_inputs(2, 6, 256, 8, 3, seed=5)
+    b = buffers[0]
+    first = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, return_recv_hook=True)
+    second = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, return_recv_hook=True)
+    with pytest.raises(ArgumentError, match="two dispatch receive hooks are pending"):
+        b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, return_recv_hook=True)
+    with pytest.raises(ArgumentError, match="hook is pending"):
+        b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx)
+    with pytest.raises(ArgumentError, match="order"):
+        second[-1]()
+    # Let rank 1 send both so rank 0's receives find their data, then drain in order.
+    other = [buffers[1].low_latency_dispatch(inputs[1].x, inputs[1].topk_idx, return_recv_hook=True) for _ in range(2)]
+    first[-1]()
+    with pytest.raises(ArgumentError, match="already called"):
+        first[-1]()
+    second[-1]()
+    for result in other:
+        result[-1]()
+    for buffer in buffers:
+        buffer.check_status()
+
+
+def test_timeout_names_the_late_rank_masks_it_and_recovers():
+    buffers = lowlat.Buffer.local_group(2, device="cpu", timeout_s=0.2, **SHAPE)
+    inputs = make_inputs(2, 6, 256, 8, 3, seed=6)
+    start = time.perf_counter()
+    buffers[0].low_latency_dispatch(inputs[0].x, inputs[0].topk_idx)  # rank 1 never sends
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(LowLatencyTimeoutError) as info:
+        buffers[0].check_status()
+    assert info.value.rank == 1 and "rank 1" in str(info.value)
+    mask = torch.zeros(2, dtype=torch.int32)
+    buffers[0].low_latency_query_mask_buffer(mask)
+    assert mask.tolist() == [0, 1]
+    # Rank 0 goes on alone: nothing is sent to or awaited from the masked rank.
+    recv_x, count, handle, _, _ = buffers[0].low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, use_fp8=False)
+    buffers[0].check_status()
+    ref = reference_for([inputs[0], make_inputs(2, 6, 256, 8, 3, seed=6, routing="all_minus_one")[1]], 8, 6, use_fp8=False)
+    assert torch.equal(count, ref[0].recv_count)
+    for b in buffers:  # the collective way back
+        b.clean_low_latency_buffer()
+    round_trip(buffers, make_inputs(2, 6, 256, 8, 3, seed=7), "fp8")
+
+
+def test_bad_expert_index_is_reported_by_the_kernel_path():
+    buffers = cpu_group(2)
+    inputs = make_inputs(2, 6, 256, 8, 3, seed=8)
+    inputs[0].topk_idx[0, 0] = 99
+    hooks = [b.low_latency_dispatch(inputs[r].x, inputs[r].topk_idx, return_recv_hook=True)[-1] for r, b in enumerate(buffers)]
+    with pytest.raises(RoutingError, match="99"):  # surfaces at rank 0's next check: its receive hook
+        hooks[0]()
+    hooks[1]()
+    for b in buffers:
+        b.check_status()
+
+
+def test_memory_report_matches_estimate_and_beats_deepep():
+    buffers = cpu_group(2)
+    assert buffers[0].memory_report() == lowlat.MemoryReport.estimate(buffers[0].shape, enable_zero_copy=True)
+    # Standard shape: DeepEP's LL buffer (research/deepep.md section 2.1) is 2 x (send + recv + signals).
+    T, H, E, R, K = 128, 7168, 256, 8, 8
+    S = H // 128
+    msg, slot = 16 + max(2 * H, H + 4 * S), 4 * S + 2 * H
+    deepep = 2 * (max(T * msg, E * T * slot) + max(E * T * msg, E * T * slot) + E * 4)
+    ours = lowlat.MemoryReport.estimate(lowlat.BufferShape(R, E, K, H, T))
+    assert ours.total < deepep, (ours.total, deepep)
+    with_zero_copy = lowlat.MemoryReport.estimate(lowlat.BufferShape(R, E, K, H, T), enable_zero_copy=True)
+    deepep_outputs = 2 * (E // R * R * T * (H + S * 4))  # two live FP8 results, which DeepEP allocates per call
+    assert with_zero_copy.total < deepep + deepep_outputs
+
+
+# -- bad input: every misuse raises ValueError/TypeError naming the argument, before anything runs --
+
+def _dispatch(**overrides):
+    def call():
+        b = cpu_group(1)[0]
+        args = dict(x=torch.zeros(4, 256, dtype=torch.bfloat16), topk_idx=torch.zeros(4, 3, dtype=torch.int64))
+        args.update(overrides)
+        return b.low_latency_dispatch(args.pop("x"), args.pop("topk_idx"), **args)
+    return call
+
+
+def _combine(**overrides):
+    def call():
+        b = cpu_group(1)[0]
+        topk = torch.tensor([[0, 1, 2]] * 4)
+        _, _, handle, _, _ = b.low_latency_dispatch(torch.zeros(4, 256, dtype=torch.bfloat16), topk)
+        args = dict(x=torch.zeros(8, 6, 256, dtype=torch.bfloat16), topk_idx=topk, topk_weights=torch.ones(4, 3), handle=handle)
+        args.update(overrides)
+        return b.low_latency_combine(args.pop("x"), args.pop("topk_idx"), args.pop("topk_weights"), args.pop("handle"), **args)
+    return call
+
+
+def _build(**overrides):
+    args = dict(max_tokens_per_rank=4, hidden=256, num_experts=8, num_topk=2)
+    args.update(overrides)
+    return lambda: lowlat.Buffer.local_group(2, device="cpu", **args)
+
+
+BAD_INPUTS = [
+    ("x dtype", _dispatch(x=torch.zeros(4, 256)), ArgumentTypeError, "x must have dtype bfloat16"),
+    ("x hidden", _dispatch(x=torch.zeros(4, 128, dtype=torch.bfloat16)), ArgumentError, r"x must have shape \[\*, 256\]"),
+    ("x rank", _dispatch(x=torch.zeros(4, 1, 256, dtype=torch.bfloat16)), ArgumentError, "x must be 2-D"),
+    ("x device", _dispatch(x=torch.zeros(4, 256, dtype=torch.bfloat16, device="meta")), ArgumentError, "x must be on cpu"),
+    ("x strided", _dispatch(x=torch.zeros(256, 4, dtype=torch.bfloat16).t()), ArgumentError, "x must be contiguous"),
+    ("too many tokens", _dispatch(x=torch.zeros(7, 256, dtype=torch.bfloat16)), ArgumentError, "max_tokens_per_rank=6"),
+    ("topk dtype", _dispatch(topk_idx=torch.zeros(4, 3)), ArgumentTypeError, "topk_idx must have dtype int64 or int32"),
+    ("topk width", _dispatch(topk_idx=torch.zeros(4, 2, dtype=torch.int64)), ArgumentError, r"topk_idx must have shape \[4, 3\]"),
+    ("topk rows", _dispatch(topk_idx=torch.zeros(3, 3, dtype=torch.int64)), ArgumentError, "topk_idx"),
+    ("round_scale without fp8", _dispatch(use_fp8=False, round_scale=True), ArgumentError, "round_scale"),
+    ("ue8m0 without round_scale", _dispatch(use_ue8m0=True), ArgumentError, "use_ue8m0"),
+    ("async + hook", _dispatch(async_finish=True, return_recv_hook=True), ArgumentError, "async_finish"),
+    ("flag type", _dispatch(use_fp8=1), ArgumentTypeError, "use_fp8 must be a bool"),
+    ("num_tokens range", _dispatch(num_tokens=5), ArgumentError, "num_tokens=5"),
+    ("num_tokens type", _dispatch(num_tokens=2.0), ArgumentTypeError, "num_tokens"),
+    ("num_tokens dtype", _dispatch(num_tokens=torch.tensor([2])), ArgumentTypeError, "num_tokens must have dtype int32"),
+    ("recv stats dtype", _dispatch(cumulative_local_expert_recv_stats=torch.zeros(8, dtype=torch.int64)), ArgumentTypeError,
+     "cumulative_local_expert_recv_stats"),
+    ("wait stats shape", _dispatch(dispatch_wait_recv_cost_stats=torch.zeros(3, dtype=torch.int64)), ArgumentError,
+     "dispatch_wait_recv_cost_stats"),
+    ("handle type", _combine(handle=(1, 2)), ArgumentTypeError, "handle must be the DispatchHandle"),
+    ("zero_copy + logfmt", _combine(zero_copy=True, use_logfmt=True), ArgumentError, "zero_copy"),
+    ("zero_copy wrong x", _combine(zero_copy=True), ArgumentError, "get_next_low_latency_combine_buffer"),
+    ("combine x shape", _combine(x=torch.zeros(8, 5, 256, dtype=torch.bfloat16)), ArgumentError, "x must have shape"),
+    ("weights dtype", _combine(topk_weights=torch.ones(4, 3, dtype=torch.float64)), ArgumentTypeError, "topk_weights"),
+    ("weights shape", _combine(topk_weights=torch.ones(3, 3)), ArgumentError, "topk_weights"),
+    ("out shape", _combine(out=torch.zeros(3, 256, dtype=torch.bfloat16)), ArgumentError, "out must have shape"),
+    ("out dtype", _combine(out=torch.zeros(4, 256)), ArgumentTypeError, "out must have dtype"),
+    ("hidden", _build(hidden=200), ArgumentError, "hidden must be a multiple of 128, got 200"),
+    ("experts", _build(num_experts=7), ArgumentError, "num_experts=7 must be divisible by num_ranks=2"),
+    ("topk", _build(num_topk=33), ArgumentError, "num_topk=33"),
+    ("timeout", _build(timeout_s=0), ArgumentError, "timeout_s"),
+    ("num_sms", _build(num_sms=0), ArgumentError, "num_sms"),
+    ("group", lambda: lowlat.Buffer("world", max_tokens_per_rank=4, hidden=256, num_experts=8, num_topk=2), ArgumentTypeError,
+     "group must be"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,match", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_raises_before_anything_runs(name, call, error, match):
+    b = cpu_group(1)[0]
+    with pytest.raises(error, match=match):
+        call()
+    # Nothing was launched for the rejected call: every send is paired with its receive.
+    state = b._ctx.state
+    assert int(state[StateWord.DISPATCH_SEND_SEQ]) == int(state[StateWord.DISPATCH_RECV_SEQ])
+    assert int(state[StateWord.COMBINE_SEND_SEQ]) == int(state[StateWord.COMBINE_RECV_SEQ])
+    assert not any(b._pending.values())
+
+
+def test_handle_from_another_buffer_is_rejected():
+    a, b = cpu_group(1)[0], cpu_group(1, max_tokens_per_rank=5)[0]
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    topk = torch.tensor([[0, 1, 2]] * 4)
+    _, _, handle, _, _ = a.low_latency_dispatch(x, topk)
+    with pytest.raises(ArgumentError, match="not from this Buffer"):
+        b.low_latency_combine(torch.zeros(8, 5, 256, dtype=torch.bfloat16), topk, torch.ones(4, 3), handle)
+    a.low_latency_combine(torch.zeros(8, 6, 256, dtype=torch.bfloat16), topk, torch.ones(4, 3), handle)
+
+
+def test_validate_routing_checks_range_and_duplicates_on_the_host():
+    b = lowlat.Buffer.local_group(1, device="cpu", validate_routing=True, **SHAPE)[0]
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(ArgumentError, match=r"topk_idx\[1, 2\]=8 is outside \[-1, 8\)"):
+        b.low_latency_dispatch(x, torch.tensor([[0, 1, 2], [3, 4, 8]]))
+    with pytest.raises(ArgumentError, match="names an expert twice"):
+        b.low_latency_dispatch(x, torch.tensor([[0, 1, 1], [3, 4, 5]]))
+    assert int(b._ctx.state[StateWord.DISPATCH_SEND_SEQ]) == 0
+
+
+def test_size_hint_and_repr():
+    hint = lowlat.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, num_topk=8)
+    assert hint == lowlat.layout.RegionLayout.of(lowlat.BufferShape(8, 256, 8, 7168, 128)).total_bytes
+    assert hint < 2**27  # ~64 MiB of symmetric memory at the standard shape (DeepEP: ~1.9 GB)
+    assert "transport=local" in repr(cpu_group(2)[0])

@@ -1,0 +1,122 @@
+"""The run-time compiler without a GPU: NVRTC compiles for sm_90, the disk cache, header tracking,
+the ABI check between Python launchers and C++ kernels, and argument conversion."""
+
+import multiprocessing
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lowlat.errors import ArgumentError, ArgumentTypeError, CompileError
+from lowlat.jit import ArgKind, Compiler, Kernel, KernelSpec, params
+from lowlat.jit.compiler import included_headers, kernel_dir
+from lowlat.jit.registry import SHIPPED_SHAPES, shipped_specs
+from lowlat.layout import BufferShape, RegionLayout
+from lowlat.ops import exchange
+from lowlat.ops.context import KernelConfig
+
+ARCH = "sm_90"
+
+
+def small_spec(**overrides) -> KernelSpec:
+    config = KernelConfig(RegionLayout.of(BufferShape(2, 4, 2, 128, 3)))
+    spec = exchange.exchange_spec(config)
+    return KernelSpec(spec.header, spec.kernel, overrides.get("signature", spec.signature), spec.constants)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWLAT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_compile_without_gpu_and_disk_cache_roundtrip(cache):
+    first = Compiler(ARCH).compile(small_spec())
+    assert not first.from_cache and first.cubin[:4] == b"\x7fELF" and first.mangled_name.startswith("_Z")
+    second = Compiler(ARCH).compile(small_spec())  # a fresh compiler: only the disk cache can answer
+    assert second.from_cache and second.cubin == first.cubin and second.mangled_name == first.mangled_name
+    assert len(list(cache.rglob("*.cubin"))) == 1 and len(list(cache.rglob("*.json"))) == 1
+
+
+def test_header_change_invalidates_the_cache_entry(cache, tmp_path, monkeypatch):
+    sources = tmp_path / "kernels"
+    shutil.copytree(kernel_dir(), sources)
+    monkeypatch.setenv("LOWLAT_KERNEL_DIR", str(sources))
+    spec = small_spec()
+    before = Compiler(ARCH).cache_key(spec)
+    assert Compiler(ARCH).compile(spec).from_cache is False
+    assert Compiler(ARCH).compile(spec).from_cache is True
+    # common.cuh is included indirectly (exchange.cuh -> signal.cuh -> common.cuh).
+    with open(sources / "common.cuh", "a") as handle:
+        handle.write("\n// an edit\n")
+    after = Compiler(ARCH).cache_key(spec)
+    assert after != before
+    assert Compiler(ARCH).compile(spec).from_cache is False
+
+
+def test_included_headers_follow_includes_recursively():
+    names = {p.name for p in included_headers(small_spec().source(), kernel_dir())}
+    assert {"abi.cuh", "exchange.cuh", "signal.cuh", "common.cuh", "state.cuh", "transport.cuh"} <= names
+
+
+def test_abi_mismatch_between_launcher_and_kernel_is_a_compile_error(cache):
+    spec = small_spec()
+    wrong = list(spec.signature)
+    wrong[-1] = wrong[-1].__class__(wrong[-1].name, ArgKind.I32)  # timeout_ns declared 32-bit
+    with pytest.raises(CompileError, match="declares the parameters"):
+        Compiler(ARCH, use_disk_cache=False).compile(small_spec(signature=tuple(wrong)))
+
+
+def _compile_in_child(arch):
+    return Compiler(arch).compile(small_spec()).cubin
+
+
+def test_concurrent_processes_share_the_cache_safely(cache):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        cubins = pool.map(_compile_in_child, [ARCH, ARCH])
+    # NVRTC names internal symbols after the compiling process, so the two cubins differ by a few
+    # bytes; what matters is that both compiled and the cache holds one complete entry from one of them.
+    assert all(c[:4] == b"\x7fELF" for c in cubins)
+    cached = Compiler(ARCH).compile(small_spec())
+    assert cached.from_cache and cached.cubin in cubins
+    assert len(list(cache.rglob("*.cubin"))) == 1
+    assert not list(cache.rglob(".*"))  # no temporary files left behind
+
+
+def test_argument_conversion_is_typed_and_checked(cache):
+    compiled = Compiler(ARCH).compile(small_spec())
+    kernel = Kernel(compiled)
+    words = torch.zeros(4, dtype=torch.int64)
+    args = kernel.convert_args((words, None, 1, 0x1000, 0x2000, 0x3000, 0x4000, 5_000_000_000))
+    assert args[0] == words.data_ptr() and args[1] == 0
+    assert isinstance(args[2], np.int32) and isinstance(args[7], np.int64)
+    with pytest.raises(ArgumentError, match="takes 8 arguments"):
+        kernel.convert_args((words,))
+    with pytest.raises(ArgumentError, match="rank=4294967296 does not fit int32"):
+        kernel.convert_args((words, None, 2**32, 0, 0, 0, 0, 0))
+    with pytest.raises(ArgumentTypeError, match="rank: expected an integer"):
+        kernel.convert_args((words, None, 1.5, 0, 0, 0, 0, 0))
+    with pytest.raises(ArgumentTypeError, match="words: expected a tensor"):
+        kernel.convert_args(("words", None, 1, 0, 0, 0, 0, 0))
+
+
+def test_every_shipped_kernel_family_is_in_the_registry():
+    specs = shipped_specs(SHIPPED_SHAPES[:1])
+    kernels = {s.kernel for s in specs}
+    assert kernels == {"lowlat::exchange_allgather", "lowlat::dispatch_send", "lowlat::dispatch_recv",
+                       "lowlat::combine_send", "lowlat::combine_recv"}
+    assert len(specs) == len(set(specs)) == 14
+
+
+def test_generated_source_declares_cfg_and_the_abi_check():
+    source = small_spec().source()
+    assert "struct Cfg {" in source and "static constexpr int kNumRanks = 2;" in source
+    assert 'lowlat::abi::matches<decltype(&lowlat::exchange_allgather<Cfg>)>("ppippppl")' in source
+
+
+def test_check_cli_without_arguments_prints_usage(capsys):
+    from lowlat.jit.__main__ import main
+    assert main([]) == 2
+    assert "--check" in capsys.readouterr().out
