@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Install lowlat on a GPU machine (offline: torch and CUDA Python packages are preinstalled there; the
-# CCCL headers wheel travels in .whl/), run the GPU tests and the benchmark, and leave logs and JSON
-# in the folder given as the first argument.
+# Install lowlat on a GPU machine (offline: torch and the CUDA Python packages are preinstalled there;
+# the CCCL headers wheel travels in .whl/), run the GPU tests and the benchmarks, and leave the logs,
+# JSON records and plots in the folder given as the first argument.
 #
-#   bash bench/gpu_check.sh OUT [tests|bench|all] [extra pytest args...]
+#   bash bench/gpu_check.sh OUT [tests|bench|all]
+#   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" bash bench/gpu_check.sh OUT all
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|all] [pytest args...]}
+out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|all]}
 what=${2:-all}
-shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$out"
 # Never create NVLink multicast objects on the shared machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -27,11 +27,16 @@ fi
 
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -rs -p no:cacheprovider tests "$@" 2>&1 | tee "$out/pytest.log"
-  status=${PIPESTATUS[0]}
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$out/pytest.log" | tail -25
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m lowlat.bench --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+  # shellcheck disable=SC2086
+  python3 -m lowlat.bench --out "$out" ${BENCH_ARGS:---ranks 1,8 --hook} 2>&1 | tee "$out/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # shellcheck disable=SC2086
+  python3 -m lowlat.bench --out "$out" --sweep ${SWEEP_ARGS:---ranks 8} 2>&1 | tee "$out/sweep.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit "$status"
