@@ -25,9 +25,22 @@ namespace lowlat {
 
 namespace dispatch_detail {
 
+// This rank's top-k entries, as the routing scans read them: staged in shared memory (int32) by every
+// block when they fit, read from global memory otherwise.
+template <class Cfg>
+struct TopkTable {
+    static constexpr bool kInShared = Cfg::kMaxTokens * Cfg::kNumTopk <= 8192;
+    const void* global;
+    const int* shared;
+    __device__ __forceinline__ long long operator[](int i) const {
+        if constexpr (kInShared) return shared[i];
+        else return load_expert<Cfg>(global, i);
+    }
+};
+
 // Scan every (token, k) of this rank for `expert` and publish the matches to its owner.
 template <class Cfg>
-__device__ __forceinline__ void route_expert(int expert, const void* topk_idx, int num_tokens, int parity, const Peers& peers,
+__device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& topk_idx, int num_tokens, int parity, const Peers& peers,
                                              const int* rank_mask, uint64_t* state, unsigned long long* status) {
     using Reg = Region<Cfg>;
     constexpr int K = Cfg::kNumTopk, T = Cfg::kMaxTokens;
@@ -39,7 +52,7 @@ __device__ __forceinline__ void route_expert(int expert, const void* topk_idx, i
 #pragma unroll 4
     for (int base = 0; base < total; base += 32) {
         const int i = base + lane;
-        const bool hit = i < total && load_expert<Cfg>(topk_idx, i) == expert;
+        const bool hit = i < total && topk_idx[i] == expert;
         const unsigned hits = __ballot_sync(kFullMask, hit);
         const int slot = count + __popc(hits & lanes_below(lane));
         if (hit && slot < T) put_u32(peers, dst, Reg::dispatch_route(parity, local_expert, peers.rank, slot), route_entry(i / K, i % K));
@@ -51,18 +64,28 @@ __device__ __forceinline__ void route_expert(int expert, const void* topk_idx, i
     }
 }
 
-// Quantise (or not) one token and put it into each distinct destination rank's staging.
+// Channels per send item: a token is split into slices so that its loads and puts spread over warps.
 template <class Cfg>
-__device__ __forceinline__ void send_token(int token, const __nv_bfloat16* x, const void* topk_idx, bool round_scale, int parity,
-                                           const Peers& peers, const int* rank_mask, uint64_t* state, unsigned long long* status) {
+__host__ __device__ constexpr int slice_channels() {
+    constexpr int H = Cfg::kHidden;
+    return H % 1024 == 0 ? 1024 : H % 512 == 0 ? 512 : H % 256 == 0 ? 256 : 128;
+}
+
+// Quantise (or not) channels [slice * kSlice, +kSlice) of one token and put them, with their scales,
+// into the staging of each distinct destination rank (one copy per rank, however many of its
+// experts the token picked).
+template <class Cfg>
+__device__ __forceinline__ void send_slice(int token, int slice, const __nv_bfloat16* x, const void* topk_idx, bool round_scale,
+                                           int parity, const Peers& peers, const int* rank_mask, uint64_t* state,
+                                           unsigned long long* status) {
     using Reg = Region<Cfg>;
-    constexpr int K = Cfg::kNumTopk, H = Cfg::kHidden;
+    constexpr int K = Cfg::kNumTopk, H = Cfg::kHidden, kSlice = slice_channels<Cfg>();
     const int lane = lane_id();
     int dst = -1;
     if (lane < K) {
         const long long expert = load_expert<Cfg>(topk_idx, token * K + lane);
         if (expert < -1 || expert >= Cfg::kNumExperts) {
-            report(state, status, kStatusBadExpert, peers.rank, static_cast<int>(expert));
+            if (slice == 0) report(state, status, kStatusBadExpert, peers.rank, static_cast<int>(expert));
         } else if (expert >= 0) {
             dst = static_cast<int>(expert) / Cfg::kNumLocalExperts;
             if (ld_cg(rank_mask + dst)) dst = -1;
@@ -73,20 +96,27 @@ __device__ __forceinline__ void send_token(int token, const __nv_bfloat16* x, co
     unsigned leaders = __ballot_sync(kFullMask, dst >= 0 && __ffs(same) - 1 == lane);
     if (leaders == 0) return;
 
+    const int first = slice * kSlice;
     const __nv_bfloat16* row = x + static_cast<uint64_t>(token) * H;
-    const void* message = row;
-    uint32_t message_bytes = 2 * H;
+    const uint8_t* staged = nullptr;
     if constexpr (Cfg::kUseFP8) {
-        uint8_t* staged = peers.local(Reg::send_message(token));
-        fp8::quantize_token<H>(row, staged, round_scale);
+        uint8_t* message = peers.local(Reg::send_message(token));
+        fp8::quantize_slice<H, kSlice>(row, first, message, round_scale);
         __syncwarp();
-        message = staged;
-        message_bytes = Cfg::kFP8MessageBytes;
+        staged = message;
     }
     while (leaders != 0) {
         const int leader = __ffs(leaders) - 1;
         leaders &= leaders - 1;
-        put_warp(peers, __shfl_sync(kFullMask, dst, leader), Reg::dispatch_message(parity, peers.rank, token), message, message_bytes);
+        const int peer = __shfl_sync(kFullMask, dst, leader);
+        const uint64_t message = Reg::dispatch_message(parity, peers.rank, token);
+        if constexpr (Cfg::kUseFP8) {
+            put_warp(peers, peer, message + first, staged + first, kSlice);
+            const auto* scales = reinterpret_cast<const uint32_t*>(staged + H) + first / 128;
+            if (lane < kSlice / 128) put_u32(peers, peer, message + H + 4ull * (first / 128 + lane), scales[lane]);
+        } else {
+            put_warp(peers, peer, message + 2ull * first, row + first, 2 * kSlice);
+        }
     }
 }
 
@@ -145,10 +175,26 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_
     }
     const int parity = static_cast<int>(seq & 1);
 
-    // Items [0, E) route one expert each; items [E, E + num_tokens) send one token each.
-    for (int item = global_warp; item < E + num_tokens; item += num_global_warps) {
-        if (item < E) dispatch_detail::route_expert<Cfg>(item, topk_idx, num_tokens, parity, peers, rank_mask, state, status);
-        else dispatch_detail::send_token<Cfg>(item - E, x, topk_idx, round_scale, parity, peers, rank_mask, state, status);
+    using Topk = dispatch_detail::TopkTable<Cfg>;
+    __shared__ int topk_shared[Topk::kInShared ? Cfg::kMaxTokens * Cfg::kNumTopk : 1];
+    if constexpr (Topk::kInShared) {
+        for (int i = threadIdx.x; i < num_tokens * Cfg::kNumTopk; i += blockDim.x) {
+            const long long expert = load_expert<Cfg>(topk_idx, i);
+            topk_shared[i] = expert >= 0 && expert < E ? static_cast<int>(expert) : -1;
+        }
+        __syncthreads();
+    }
+    const Topk topk_table{topk_idx, topk_shared};
+
+    // Items [0, E) route one expert each; then one item per (token, slice of channels).
+    constexpr int kSlices = Cfg::kHidden / dispatch_detail::slice_channels<Cfg>();
+    for (int item = global_warp; item < E + num_tokens * kSlices; item += num_global_warps) {
+        if (item < E) {
+            dispatch_detail::route_expert<Cfg>(item, topk_table, num_tokens, parity, peers, rank_mask, state, status);
+        } else {
+            const int token = (item - E) / kSlices, slice = (item - E) % kSlices;
+            dispatch_detail::send_slice<Cfg>(token, slice, x, topk_idx, round_scale, parity, peers, rank_mask, state, status);
+        }
     }
 
     if (finish_block(blocks_done(state, kDispatchSendDone))) {

@@ -33,22 +33,28 @@ __device__ __forceinline__ void scales_for(float amax, bool round_scale, float& 
 
 __device__ __forceinline__ uint8_t ue8m0_of(float scale_inv) { return static_cast<uint8_t>(__float_as_uint(scale_inv) >> 23); }
 
-// Quantise one bf16 token row [kHidden] into `out`: kHidden fp8 bytes, then kHidden/128 fp32 scales.
-// Warp-cooperative: each lane takes 8 channels per step, half a warp spans one 128-channel group.
-template <int kHidden>
-__device__ __forceinline__ void quantize_token(const __nv_bfloat16* __restrict__ row, uint8_t* out, bool round_scale) {
-    static_assert(kHidden % 128 == 0, "hidden must be a multiple of 128");
-    constexpr int kSteps = static_cast<int>(ceil_div(kHidden, 256));
+// Quantise channels [first, first + kSlice) of one bf16 token row into `out` (a message: kHidden fp8
+// bytes, then kHidden/128 fp32 scales).  Warp-cooperative: each lane takes 8 channels per 256-channel
+// step and half a warp spans one 128-channel group; every load of the slice is issued before the
+// first one is used.
+template <int kHidden, int kSlice>
+__device__ __forceinline__ void quantize_slice(const __nv_bfloat16* __restrict__ row, int first, uint8_t* out, bool round_scale) {
+    static_assert(kHidden % 128 == 0 && kSlice % 128 == 0, "channels come in groups of 128");
+    constexpr int kSteps = static_cast<int>(ceil_div(kSlice, 256));
     const int lane = lane_id();
     const auto* row4 = reinterpret_cast<const int4*>(row);
     auto* scales = reinterpret_cast<float*>(out + kHidden);
-#pragma unroll 4
+    int4 raw[kSteps];
+#pragma unroll
     for (int step = 0; step < kSteps; ++step) {
-        const int channel = step * 256 + lane * 8;
-        const bool active = channel < kHidden;  // the upper half-warp idles on a trailing 128-group
-        int4 raw = make_int4(0, 0, 0, 0);
-        if (active) raw = __ldg(row4 + channel / 8);
-        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const int offset = step * 256 + lane * 8;  // inside the slice
+        raw[step] = offset < kSlice ? __ldg(row4 + (first + offset) / 8) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+        const int offset = step * 256 + lane * 8;
+        const bool active = offset < kSlice;  // the upper half-warp idles on a trailing 128-group
+        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[step]);
         float values[8];
         float amax = kAmaxFloor;
 #pragma unroll
@@ -62,6 +68,7 @@ __device__ __forceinline__ void quantize_token(const __nv_bfloat16* __restrict__
         float scale, scale_inv;
         scales_for(amax, round_scale, scale, scale_inv);
         if (active) {
+            const int channel = first + offset;
             if ((lane & 15) == 0) scales[channel / 128] = scale_inv;
             uint32_t packed[2];
 #pragma unroll

@@ -28,15 +28,16 @@ __device__ __forceinline__ WaitResult wait_flag(const uint64_t* flag, uint64_t e
     return result;
 }
 
-// Called by every thread of every block at the end of a kernel.  Each thread fences its writes at
-// system scope, the block synchronises, and one thread counts the block in; returns true (in all
-// threads of that block) in the last block to finish, which may then publish the kernel's results.
-// The last block also resets the counter, so the next launch starts from zero.
+// Called by every thread of every block at the end of a kernel.  The block synchronises, then one
+// thread fences at system scope (cumulative: it orders the writes of every thread that reached the
+// barrier, the pattern CUTLASS's semaphore uses) and counts the block in.  Returns true, in all
+// threads of that block, in the last block to finish, which may then publish the kernel's results
+// with release stores.  The last block also resets the counter for the next launch.
 __device__ __forceinline__ bool finish_block(unsigned* counter) {
     __shared__ bool is_last;
-    fence_sys();
     __syncthreads();
     if (threadIdx.x == 0) {
+        fence_sys();
         const unsigned done = atomicAdd(counter, 1u) + 1u;
         is_last = done == gridDim.x;
         if (is_last) {

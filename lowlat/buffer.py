@@ -370,7 +370,7 @@ class Buffer:
         if word == 0:
             return
         self._ctx.status[0] = 0
-        self._ctx.state[StateWord.STATUS] = 0  # the device copy, ordered after the kernels that reported
+        self._ctx.state[StateWord.STATUS].zero_()  # the device copy, in stream order after the reporting kernels
         code, rank, value = (word >> 56) & 0xFF, (word >> 32) & 0xFFFFFF, word & 0xFFFFFFFF
         value = value - (1 << 32) if value >= 1 << 31 else value
         raise _status_error(StatusCode(code), self.rank, rank, value, self.timeout_s)

@@ -1,6 +1,10 @@
 import os
 import sys
 
+# Virtual ranks on concurrent streams must not share a hardware queue (see lowlat/transport/local.py);
+# set before CUDA starts in this process.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
 import pytest
 import torch
 

@@ -11,9 +11,12 @@ lowlat.reference and prints one line saying so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # before CUDA starts: rank streams must not share queues
 
 import torch
 
@@ -91,7 +94,8 @@ def _one_gpu(args, env, out: Path) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     rank_counts = [int(r) for r in (args.ranks or "8").split(",")]
     print(f"lowlat.bench on one {env['device']}: R virtual ranks on the local transport. This is a kernel "
-          "measurement: all ranks' work runs on this GPU and nothing crosses NVLink.")
+          "measurement: all ranks' work runs on this GPU, one rank after another (hook mode: every send, then "
+          "every receive, each kernel on the whole GPU), and nothing crosses NVLink.")
     copy_gbps = copy_bandwidth(device)
     print(f"device copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
     points = []
@@ -99,8 +103,9 @@ def _one_gpu(args, env, out: Path) -> int:
     for num_ranks in rank_counts:
         configs = _configs(args, num_ranks)
         s = configs[0].shape
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         buffers = Buffer.local_group(num_ranks, max_tokens_per_rank=s.max_tokens_per_rank, hidden=s.hidden,
-                                     num_experts=s.num_experts, num_topk=s.num_topk)
+                                     num_experts=s.num_experts, num_topk=s.num_topk, num_sms=sms)
         for i, config in enumerate(configs):
             work = Workload.make(config, device, seed=len(points))
             ranks = LocalRanks(buffers, work)

@@ -15,8 +15,9 @@ from .workload import Config, Workload
 
 
 class LocalRanks:
-    """R virtual ranks on this GPU, with static inputs, running every call of all ranks concurrently
-    (one stream per rank, joined back), so the calls can be captured in one graph."""
+    """R virtual ranks on this GPU with static inputs.  ``dispatch()`` / ``combine()`` run one call of
+    every rank, capturable in one graph: in hook mode (the default for timing) every send, then every
+    receive, one after another; otherwise each rank on its own stream, concurrently, joined back."""
 
     def __init__(self, buffers: list[Buffer], work: Workload):
         self.buffers, self.work = buffers, work
@@ -46,11 +47,16 @@ class LocalRanks:
                 results.append(b.low_latency_dispatch(self.work.x[r], self.work.topk_idx[r], use_fp8=c.use_fp8,
                                                       num_tokens=self.num_tokens[r], return_recv_hook=hook))
         self._join()
-        if hook:  # every send has been issued: the receive halves run one after another without waiting
-            for result in results:
-                result[-1]()
+        if hook:  # every send has been issued: the receive halves find their data and never wait
+            self._receive(results)
         self.results = results
         return results
+
+    def _receive(self, calls) -> None:
+        for b, call in zip(self.buffers, calls):
+            with self._rank_stream(b):
+                call[-1]()
+        self._join()
 
     def make_expert_outputs(self):
         """Static per-rank expert outputs (x0.5 of the received rows, dequantised) for the combine timing."""
@@ -73,8 +79,7 @@ class LocalRanks:
                                                   use_logfmt=c.use_logfmt, return_recv_hook=hook))
         self._join()
         if hook:
-            for out in outs:
-                out[-1]()
+            self._receive(outs)
         return outs
 
 
@@ -83,10 +88,11 @@ def check_against_reference(ranks: LocalRanks) -> str:
     bit for bit (bf16 wire) or within the LogFMT bound.  Returns a one-line verdict; raises on error."""
     work, c = ranks.work, ranks.work.config
     s = c.shape
-    results = ranks.dispatch()
+    results = ranks.dispatch(hook=True)
     ys = ranks.make_expert_outputs()
-    outs = ranks.combine()
-    torch.cuda.synchronize() if work.x.is_cuda else None
+    outs = ranks.combine(hook=True)
+    if work.x.is_cuda:
+        torch.cuda.synchronize()
     for b in ranks.buffers:
         b.check_status()
     n = c.num_tokens
@@ -125,14 +131,15 @@ def check_against_reference(ranks: LocalRanks) -> str:
 
 
 def measure_local(ranks: LocalRanks, *, copy_gbps: float, hook_breakdown: bool, rounds: int, calls_per_graph: int) -> dict:
-    """Time one benchmark point on virtual ranks: lowlat (fused calls), the PyTorch baseline, floors."""
+    """Time one benchmark point on virtual ranks: lowlat (every rank's send, then every rank's
+    receive), the PyTorch baseline, the HBM floor."""
     work = ranks.work
-    ranks.dispatch()
+    ranks.dispatch(hook=True)
     ranks.make_expert_outputs()
     torch.cuda.synchronize()
     timings = {
-        "dispatch": time_replays(ranks.dispatch, rounds=rounds, calls_per_graph=calls_per_graph),
-        "combine": time_replays(ranks.combine, rounds=rounds, calls_per_graph=calls_per_graph),
+        "dispatch": time_replays(lambda: ranks.dispatch(hook=True), rounds=rounds, calls_per_graph=calls_per_graph),
+        "combine": time_replays(lambda: ranks.combine(hook=True), rounds=rounds, calls_per_graph=calls_per_graph),
     }
     baseline = TorchDispatchCombine(work)
     baseline.dispatch()

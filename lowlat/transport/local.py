@@ -2,14 +2,23 @@
 
 Each rank gets its own region, allocated by PyTorch on the same device, and its own stream.  This is
 how the multi-rank logic is tested without several GPUs, and it lets engine developers run their EP
-code on one GPU.  Kernels that wait for peers must be co-resident, so a Buffer on this transport
-uses at most ``SMs / R`` blocks per kernel; in hook mode every send half completes without waiting,
-so the ranks may also run one after another on one stream.
+code on one GPU.  Two ways to drive the ranks:
+
+* hook mode: every rank's send half (which never waits), then every receive half, even on one
+  stream; nothing needs to run concurrently.
+* non-hook calls on the ranks' own streams, concurrently.  A receive waits for the other ranks'
+  sends, so those kernels must be co-resident: a Buffer on this transport uses at most ``SMs / R``
+  blocks per kernel by default, and the ranks' streams must not share a hardware queue, so set
+  ``CUDA_DEVICE_MAX_CONNECTIONS`` to at least ``R + 1`` (up to 32) before CUDA starts (the default, 8,
+  is too few beyond 7 ranks).  If they do share one, the bounded waits report a timeout; nothing hangs.
 """
 
 from __future__ import annotations
 
 import torch
+
+import os
+import warnings
 
 from ..errors import ArgumentError
 from .base import Transport
@@ -26,6 +35,9 @@ class LocalWorld:
         self.regions = [torch.zeros(region_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_ranks)]
         self.peer_bases = torch.tensor([r.data_ptr() for r in self.regions], dtype=torch.int64, device=self.device)
         self.streams = [torch.cuda.Stream(self.device) for _ in range(num_ranks)] if self.device.type == "cuda" else [None] * num_ranks
+        if self.device.type == "cuda" and num_ranks + 1 > int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")):
+            warnings.warn(f"{num_ranks} virtual ranks on concurrent streams need CUDA_DEVICE_MAX_CONNECTIONS >= {num_ranks + 1} "
+                          "(set before CUDA starts); hook mode needs nothing", stacklevel=3)
 
     def transport(self, rank: int) -> "LocalTransport":
         if not 0 <= rank < self.num_ranks:
