@@ -50,29 +50,29 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
         return min(static_cast<int>(range & 0xffffffff), RT);
     });
 
-    for (int row = global_warp; row < segments.total(); row += num_global_warps) {
+    // One item per (received row, chunk of channels): many rows' loads in flight at once.
+    for (int item = global_warp; item < segments.total() * kNumChunks; item += num_global_warps) {
+        const int row = item / kNumChunks, c = item % kNumChunks;
         int l, j, s, i;
         segments.locate(row, l, j, s, i);
         const int token = __ldg(recv_src_info + static_cast<uint64_t>(l) * RT + j);
         const int k = __ldg(recv_src_topk + static_cast<uint64_t>(l) * RT + j);
         if (ld_cg(rank_mask + s) || token < 0 || token >= T || k < 0 || k >= K) continue;
-        const __nv_bfloat16* src = x + (static_cast<uint64_t>(l) * RT + j) * H;
-        const uint64_t slot = Reg::combine_slot(parity, token, k);
+        const __nv_bfloat16* src = x + (static_cast<uint64_t>(l) * RT + j) * H + c * kChunk;
+        const uint64_t chunk_offset = Reg::combine_slot(parity, token, k) + 2ull * kChunk * c;
         if constexpr (!Cfg::kUseLogFMT) {
-            put_warp(peers, s, slot, src, 2 * H);
+            put_warp(peers, s, chunk_offset, src, 2 * kChunk);
         } else {
-            // Encode chunk by chunk through shared memory; raw chunks go straight from x.
+            // Encode through shared memory; a chunk that does not suit the log grid goes raw from x.
             __shared__ __align__(16) uint8_t encoded[Cfg::kNumWarps][Chunk::kEncodedBytes];
-            __shared__ uint32_t meta[Cfg::kNumWarps][H / 128];
-            for (int c = 0; c < kNumChunks; ++c) {
-                const __nv_bfloat16* chunk_src = src + c * kChunk;
-                const bool encoded_ok = Chunk::encode(chunk_src, encoded[warp], meta[warp] + c * (kChunk / 128));
-                __syncwarp();
-                if (encoded_ok) put_warp(peers, s, slot + 2ull * kChunk * c, encoded[warp], Chunk::kEncodedBytes);
-                else put_warp(peers, s, slot + 2ull * kChunk * c, chunk_src, 2 * kChunk);
-                __syncwarp();
-            }
-            for (int g = lane; g < H / 128; g += 32) put_u32(peers, s, slot + 2ull * H + 4ull * g, meta[warp][g]);
+            __shared__ uint32_t meta[Cfg::kNumWarps][kChunk / 128];
+            const bool encoded_ok = Chunk::encode(src, encoded[warp], meta[warp]);
+            __syncwarp();
+            if (encoded_ok) put_warp(peers, s, chunk_offset, encoded[warp], Chunk::kEncodedBytes);
+            else put_warp(peers, s, chunk_offset, src, 2 * kChunk);
+            const uint64_t meta_offset = Reg::combine_slot(parity, token, k) + 2ull * H + 4ull * (c * (kChunk / 128));
+            if (lane < kChunk / 128) put_u32(peers, s, meta_offset + 4ull * lane, meta[warp][lane]);
+            __syncwarp();
         }
     }
 
@@ -118,38 +118,59 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
     num_tokens = max(0, min(num_tokens, min(num_out_rows, Cfg::kMaxTokens)));
 
-    for (int item = global_warp; item < num_out_rows * kNumChunks; item += num_global_warps) {
-        const int token = item / kNumChunks, c = item % kNumChunks;
-        float acc[kUnitsPerLane][16];
+    // One item per (token, chunk, part): each lane owns one 16-channel unit of the chunk.
+    constexpr int kParts = kUnitsPerLane;
+    for (int item = global_warp; item < num_out_rows * kNumChunks * kParts; item += num_global_warps) {
+        const int token = item / (kNumChunks * kParts), c = item / kParts % kNumChunks, part = item % kParts;
+        const int unit = lane + 32 * part;
+        float acc[16];
 #pragma unroll
-        for (int u = 0; u < kUnitsPerLane; ++u)
-#pragma unroll
-            for (int v = 0; v < 16; ++v) acc[u][v] = 0.0f;
+        for (int v = 0; v < 16; ++v) acc[v] = 0.0f;
 
-        for (int k = 0; token < num_tokens && k < K; ++k) {
-            const long long expert = load_expert<Cfg>(topk_idx, token * K + k);
-            if (expert < 0 || expert >= Cfg::kNumExperts || !source_ok[expert / L]) continue;
-            const float weight = __ldg(topk_weights + token * K + k);
-            const uint8_t* slot = peers.local(Reg::combine_slot(parity, token, k));
-            const uint8_t* chunk = slot + 2ull * kChunk * c;
-            logfmt::GroupRange range[kUnitsPerLane];
-            const bool encoded = Cfg::kUseLogFMT && Chunk::decode_plan(reinterpret_cast<const uint32_t*>(slot + 2ull * H), c, range);
+        // Top-k slots in groups of kBatch: every valid slot's loads are issued before any is used,
+        // then they are accumulated in k order (the reference's order).
+        constexpr int kBatch = 4;
+        for (int k0 = 0; token < num_tokens && k0 < K; k0 += kBatch) {
+            bool valid[kBatch];
+            float weight[kBatch];
+            const uint8_t* chunk[kBatch];
 #pragma unroll
-            for (int u = 0; u < kUnitsPerLane; ++u) {
-                const int unit = lane + 32 * u;
-                if (!Chunk::unit_active(unit)) continue;
-                if (encoded) Chunk::accumulate_encoded(chunk + unit * 20, range[u], weight, acc[u]);
-                else logfmt::accumulate_raw(chunk + unit * 32, weight, acc[u]);
+            for (int q = 0; q < kBatch; ++q) {
+                const int k = k0 + q;
+                const long long expert = k < K ? load_expert<Cfg>(topk_idx, token * K + k) : -1;
+                valid[q] = expert >= 0 && expert < Cfg::kNumExperts && source_ok[expert / L];
+                weight[q] = valid[q] ? __ldg(topk_weights + token * K + k) : 0.0f;
+                chunk[q] = peers.local(Reg::combine_slot(parity, token, valid[q] ? k : 0)) + 2ull * kChunk * c;
+            }
+            if constexpr (!Cfg::kUseLogFMT) {
+                int4 raw[kBatch][2];
+#pragma unroll
+                for (int q = 0; q < kBatch; ++q)
+                    if (valid[q] && Chunk::unit_active(unit)) {
+                        raw[q][0] = ld_cg(reinterpret_cast<const int4*>(chunk[q] + unit * 32));
+                        raw[q][1] = ld_cg(reinterpret_cast<const int4*>(chunk[q] + unit * 32) + 1);
+                    }
+#pragma unroll
+                for (int q = 0; q < kBatch; ++q)
+                    if (valid[q] && Chunk::unit_active(unit)) logfmt::accumulate_bf16(raw[q], weight[q], acc);
+            } else {
+#pragma unroll
+                for (int q = 0; q < kBatch; ++q) {
+                    if (!valid[q]) continue;  // warp-uniform
+                    const uint8_t* slot = chunk[q] - 2ull * kChunk * c;
+                    logfmt::GroupRange range;
+                    const bool encoded = Chunk::plan_unit(reinterpret_cast<const uint32_t*>(slot + 2ull * H), c, unit, range);
+                    if (!Chunk::unit_active(unit)) continue;
+                    if (encoded) Chunk::accumulate_encoded(chunk[q] + unit * 20, range, weight[q], acc);
+                    else logfmt::accumulate_raw(chunk[q] + unit * 32, weight[q], acc);
+                }
             }
         }
 
-#pragma unroll
-        for (int u = 0; u < kUnitsPerLane; ++u) {
-            const int unit = lane + 32 * u;
-            if (!Chunk::unit_active(unit)) continue;
+        if (Chunk::unit_active(unit)) {
             __nv_bfloat162 packed[8];
 #pragma unroll
-            for (int v = 0; v < 8; ++v) packed[v] = __floats2bfloat162_rn(acc[u][2 * v], acc[u][2 * v + 1]);
+            for (int v = 0; v < 8; ++v) packed[v] = __floats2bfloat162_rn(acc[2 * v], acc[2 * v + 1]);
             auto* dst = reinterpret_cast<int4*>(out + static_cast<uint64_t>(token) * H + c * kChunk + unit * 16);
             dst[0] = reinterpret_cast<const int4*>(packed)[0];
             dst[1] = reinterpret_cast<const int4*>(packed)[1];

@@ -120,27 +120,40 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
     }
 }
 
-// Expand one received message into row j of local expert l.
+// Expand slice `slice` (channels [slice * kSlice, +kSlice) and their scales) of one received message
+// into row j of local expert l.
 template <class Cfg>
-__device__ __forceinline__ void store_row(const uint8_t* message, void* recv_x, void* recv_scales, int l, int j) {
-    constexpr int H = Cfg::kHidden, G = H / 128, RT = Cfg::kNumRanks * Cfg::kMaxTokens;
+__device__ __forceinline__ void store_slice(const uint8_t* message, int slice, void* recv_x, void* recv_scales, int l, int j) {
+    constexpr int H = Cfg::kHidden, G = H / 128, RT = Cfg::kNumRanks * Cfg::kMaxTokens, kSlice = slice_channels<Cfg>();
+    constexpr int kBytesPerChannel = Cfg::kUseFP8 ? 1 : 2;
     const int lane = lane_id();
     const uint64_t row = static_cast<uint64_t>(l) * RT + j;
-    constexpr int kBytes = Cfg::kUseFP8 ? H : 2 * H;
-    const auto* src = reinterpret_cast<const int4*>(message);
-    auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(recv_x) + row * kBytes);
-#pragma unroll 4
-    for (int c = lane; c < kBytes / 16; c += 32) dst[c] = ld_cg(src + c);
+    const int first = slice * kSlice;
+    const auto* src = reinterpret_cast<const int4*>(message + first * kBytesPerChannel);
+    auto* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(recv_x) + (row * H + first) * kBytesPerChannel);
+    constexpr int kChunks = kSlice * kBytesPerChannel / 16;
+    int4 chunk[ceil_div(kChunks, 32)];
+#pragma unroll
+    for (int u = 0; u * 32 < kChunks; ++u)
+        if (lane + 32 * u < kChunks) chunk[u] = ld_cg(src + lane + 32 * u);
+#pragma unroll
+    for (int u = 0; u * 32 < kChunks; ++u)
+        if (lane + 32 * u < kChunks) dst[lane + 32 * u] = chunk[u];
     if constexpr (Cfg::kUseFP8) {
+        const int group = first / 128 + lane;
+        const bool owns_group = lane < kSlice / 128;
         const auto* scales = reinterpret_cast<const float*>(message + H);
         if constexpr (Cfg::kUseUE8M0) {
+            // Each lane writes a whole group's byte; groups past G (padding of the last word) are 0.
             constexpr int W = (G + 3) / 4;
             auto* bytes = static_cast<uint8_t*>(recv_scales);
-            for (int g = lane; g < 4 * W; g += 32)
-                bytes[((static_cast<uint64_t>(l) * W + g / 4) * Cfg::kScaleRowStride + j) * 4 + g % 4] = g < G ? fp8::ue8m0_of(ld_cg(scales + g)) : 0;
+            auto byte_of = [&](int g) -> uint8_t& { return bytes[((static_cast<uint64_t>(l) * W + g / 4) * Cfg::kScaleRowStride + j) * 4 + g % 4]; };
+            if (owns_group) byte_of(group) = fp8::ue8m0_of(ld_cg(scales + group));
+            const int padding = G + lane - kSlice / 128;  // the last slice also zeroes the unused bytes of the last word
+            if (first + kSlice == H && lane >= kSlice / 128 && padding < 4 * W) byte_of(padding) = 0;
         } else {
             auto* out = static_cast<float*>(recv_scales);
-            for (int g = lane; g < G; g += 32) out[(static_cast<uint64_t>(l) * G + g) * Cfg::kScaleRowStride + j] = ld_cg(scales + g);
+            if (owns_group) out[(static_cast<uint64_t>(l) * G + group) * Cfg::kScaleRowStride + j] = ld_cg(scales + group);
         }
     }
 }
@@ -249,13 +262,16 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __res
             recv_layout_range[i] = (static_cast<long long>(segments.source_begin[i]) << 32) | segments.count(i / R, i % R);
     }
 
-    for (int row = global_warp; row < segments.total(); row += num_global_warps) {
+    // One item per (received row, slice of channels), so that many loads are in flight at once.
+    constexpr int kSlices = Cfg::kHidden / dispatch_detail::slice_channels<Cfg>();
+    for (int item = global_warp; item < segments.total() * kSlices; item += num_global_warps) {
+        const int row = item / kSlices, slice = item % kSlices;
         int l, j, s, i;
         segments.locate(row, l, j, s, i);
         const uint32_t entry = ld_cg(reinterpret_cast<const uint32_t*>(peers.local(Reg::dispatch_route(parity, l, s, i))));
         const int token = min(route_token(entry), T - 1);
-        dispatch_detail::store_row<Cfg>(peers.local(Reg::dispatch_message(parity, s, token)), recv_x, recv_scales, l, j);
-        if (lane == 0) {
+        dispatch_detail::store_slice<Cfg>(peers.local(Reg::dispatch_message(parity, s, token)), slice, recv_x, recv_scales, l, j);
+        if (lane == 0 && slice == 0) {
             recv_src_info[static_cast<uint64_t>(l) * RT + j] = token;
             recv_src_topk[static_cast<uint64_t>(l) * RT + j] = route_topk(entry);
         }

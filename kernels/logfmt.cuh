@@ -108,21 +108,24 @@ struct Chunk {
         return true;
     }
 
-    // Receiver side: whether chunk `chunk_idx` of a slot was encoded (the same decision the sender
-    // made, recomputed from the metadata), and this lane's group ranges.
-    __device__ __forceinline__ static bool decode_plan(const uint32_t* slot_meta, int chunk_idx, GroupRange (&range)[kUnitsPerLane]) {
+    // Receiver side, one unit per lane: whether chunk `chunk_idx` was encoded (recomputed from all
+    // of the chunk's groups, as the sender decided) and the range of the group holding `unit`.
+    __device__ __forceinline__ static bool plan_unit(const uint32_t* slot_meta, int chunk_idx, int unit, GroupRange& range) {
+        constexpr int kGroups = kChunk / 128;
         const int lane = lane_id();
         bool usable = true;
-#pragma unroll
-        for (int j = 0; j < kUnitsPerLane; ++j) {
-            const int unit = lane + 32 * j;
-            if (!unit_active(unit)) continue;
-            const uint32_t word = ld_cg(slot_meta + (chunk_idx * kChunk + unit * 16) / 128);
+        if (lane < kGroups) {
+            const uint32_t word = ld_cg(slot_meta + chunk_idx * kGroups + lane);
             const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&word));
-            range[j] = GroupRange::of(pair.x, pair.y);
-            usable = usable && range[j].usable;
+            usable = GroupRange::of(pair.x, pair.y).usable;
         }
-        return __all_sync(kFullMask, usable);
+        const bool encoded = __all_sync(kFullMask, usable);
+        if (encoded && unit_active(unit)) {
+            const uint32_t word = ld_cg(slot_meta + chunk_idx * kGroups + unit / 8);
+            const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&word));
+            range = GroupRange::of(pair.x, pair.y);
+        }
+        return encoded;
     }
 
     // acc[i] += weight * value_i for the 16 channels of encoded unit `unit` (products rounded to
@@ -146,10 +149,8 @@ struct Chunk {
     }
 };
 
-// acc[i] += weight * value_i for 16 raw bf16 channels.
-__device__ __forceinline__ void accumulate_raw(const uint8_t* bytes, float weight, float (&acc)[16]) {
-    const auto* src4 = reinterpret_cast<const int4*>(bytes);
-    const int4 halves[2] = {ld_cg(src4), ld_cg(src4 + 1)};
+// acc[i] += weight * value_i for 16 raw bf16 channels already in registers.
+__device__ __forceinline__ void accumulate_bf16(const int4 (&halves)[2], float weight, float (&acc)[16]) {
     const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(halves);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -157,6 +158,13 @@ __device__ __forceinline__ void accumulate_raw(const uint8_t* bytes, float weigh
         acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(v.x, weight));
         acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(v.y, weight));
     }
+}
+
+// acc[i] += weight * value_i for 16 raw bf16 channels in (peer-written) global memory.
+__device__ __forceinline__ void accumulate_raw(const uint8_t* bytes, float weight, float (&acc)[16]) {
+    const auto* src4 = reinterpret_cast<const int4*>(bytes);
+    const int4 halves[2] = {ld_cg(src4), ld_cg(src4 + 1)};
+    accumulate_bf16(halves, weight, acc);
 }
 
 }  // namespace lowlat::logfmt

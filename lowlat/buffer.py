@@ -82,7 +82,7 @@ class Buffer:
         num_topk: K, experts per token (at most 32).
         transport: ``"auto"`` / ``"ipc"`` for process groups (``"nvshmem"``, for several nodes, is
             not implemented yet).
-        num_sms: blocks per kernel (default: every SM; ``SMs / R`` for virtual ranks on one GPU).
+        num_sms: blocks per kernel (default: two per SM; ``SMs / R`` for virtual ranks on one GPU).
         timeout_s: how long a receive waits for a peer before it masks it and reports a timeout.
         enable_zero_copy: allocate the two bf16 ``[L, R*T, hidden]`` buffers that
             ``get_next_low_latency_combine_buffer`` returns (off by default: on peer-memory
@@ -142,7 +142,9 @@ class Buffer:
     def _make_context(self, num_sms) -> RankContext:
         if self.device.type == "cuda":
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            default = max(1, sms // self.num_ranks) if isinstance(self.transport, LocalTransport) else sms
+            # Two 512-thread blocks per SM keep enough loads in flight; virtual ranks that run
+            # concurrently on one GPU share it, and their kernels must be co-resident.
+            default = max(1, sms // self.num_ranks) if isinstance(self.transport, LocalTransport) else 2 * sms
             status = torch.zeros(1, dtype=torch.int64, pin_memory=True)  # written by kernels, read without a sync
         else:
             default, status = 1, torch.zeros(1, dtype=torch.int64)

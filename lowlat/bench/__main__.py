@@ -95,7 +95,7 @@ def _one_gpu(args, env, out: Path) -> int:
     rank_counts = [int(r) for r in (args.ranks or "8").split(",")]
     print(f"lowlat.bench on one {env['device']}: R virtual ranks on the local transport. This is a kernel "
           "measurement: all ranks' work runs on this GPU, one rank after another (hook mode: every send, then "
-          "every receive, each kernel on the whole GPU), and nothing crosses NVLink.")
+          "every receive, each kernel on the whole GPU, two blocks per SM), and nothing crosses NVLink.")
     copy_gbps = copy_bandwidth(device)
     print(f"device copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
     points = []
@@ -105,7 +105,7 @@ def _one_gpu(args, env, out: Path) -> int:
         s = configs[0].shape
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         buffers = Buffer.local_group(num_ranks, max_tokens_per_rank=s.max_tokens_per_rank, hidden=s.hidden,
-                                     num_experts=s.num_experts, num_topk=s.num_topk, num_sms=sms)
+                                     num_experts=s.num_experts, num_topk=s.num_topk, num_sms=2 * sms)
         for i, config in enumerate(configs):
             work = Workload.make(config, device, seed=len(points))
             ranks = LocalRanks(buffers, work)
