@@ -500,27 +500,19 @@ def _ipc_transport(group, kind: str, region_bytes: int) -> Transport:
     return IpcTransport(group, region_bytes)
 
 
+_STATUS_ERRORS = {
+    StatusCode.TIMEOUT: (LowLatencyTimeoutError, "rank {rank} sent nothing for {timeout:g} s; it is masked now "
+                                                 "(low_latency_clean_mask_buffer / clean_low_latency_buffer to recover)"),
+    StatusCode.OVERRUN: (ProtocolError, "rank {rank} is two calls ahead and reused a buffer this call still needed"),
+    StatusCode.TOO_MANY_IN_FLIGHT: (ProtocolError, "a third send was issued before the first receive (call {value}); it was dropped"),
+    StatusCode.RECV_WITHOUT_SEND: (ProtocolError, "a receive ran with no send pending (call {value})"),
+    StatusCode.BAD_EXPERT: (RoutingError, "topk_idx held expert index {value}, outside [-1, num_experts); treated as -1"),
+    StatusCode.BAD_NUM_TOKENS: (RoutingError, "num_tokens={value} is outside [0, max_tokens_per_rank]; nothing was sent"),
+    StatusCode.ROUTE_OVERFLOW: (RoutingError, "a token named expert {value} twice; its extra rows were dropped"),
+}
+
+
 def _status_error(code: StatusCode, me: int, rank: int, value: int, timeout_s: float) -> DeviceError:
-    where = f"rank {me}"
-    if code is StatusCode.TIMEOUT:
-        return LowLatencyTimeoutError(f"{where}: rank {rank} sent nothing for {timeout_s:g} s; it is masked now "
-                                      "(low_latency_clean_mask_buffer / clean_low_latency_buffer to recover)",
-                                      code=code, rank=rank, value=value)
-    if code is StatusCode.OVERRUN:
-        return ProtocolError(f"{where}: rank {rank} is two calls ahead and reused a buffer this call still needed",
-                             code=code, rank=rank, value=value)
-    if code is StatusCode.TOO_MANY_IN_FLIGHT:
-        return ProtocolError(f"{where}: a third send was issued before the first receive (call {value}); it was dropped",
-                             code=code, rank=rank, value=value)
-    if code is StatusCode.RECV_WITHOUT_SEND:
-        return ProtocolError(f"{where}: a receive ran with no send pending (call {value})", code=code, rank=rank, value=value)
-    if code is StatusCode.BAD_EXPERT:
-        return RoutingError(f"{where}: topk_idx held expert index {value}, outside [-1, num_experts); treated as -1",
-                            code=code, rank=rank, value=value)
-    if code is StatusCode.BAD_NUM_TOKENS:
-        return RoutingError(f"{where}: num_tokens={value} is outside [0, max_tokens_per_rank]; nothing was sent",
-                            code=code, rank=rank, value=value)
-    if code is StatusCode.ROUTE_OVERFLOW:
-        return RoutingError(f"{where}: a token named expert {value} twice; its extra rows were dropped",
-                            code=code, rank=rank, value=value)
-    return DeviceError(f"{where}: unknown device status {int(code)}", code=code, rank=rank, value=value)
+    error, message = _STATUS_ERRORS.get(code, (DeviceError, "unknown device status {code}"))
+    text = message.format(rank=rank, value=value, timeout=timeout_s, code=int(code))
+    return error(f"rank {me}: {text}", code=code, rank=rank, value=value)

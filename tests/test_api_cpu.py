@@ -304,3 +304,11 @@ def test_size_hint_and_repr():
     assert hint == lowlat.layout.RegionLayout.of(lowlat.BufferShape(8, 256, 8, 7168, 128)).total_bytes
     assert hint < 2**27  # ~64 MiB of symmetric memory at the standard shape (DeepEP: ~1.9 GB)
     assert "transport=local" in repr(cpu_group(2)[0])
+
+
+def test_graph_capture_helper_needs_cuda():
+    import lowlat.graphs
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_gpu_graphs.py covers lowlat.graphs.capture")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        lowlat.graphs.capture(lambda: None)

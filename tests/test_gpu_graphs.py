@@ -190,6 +190,20 @@ def test_non_hook_graph_with_rank_streams(group4):
         check_step(step, *outputs, inputs)
 
 
+def test_lowlat_graphs_capture_helper(group4):
+    """lowlat.graphs.capture: eager warm-up, then one captured step whose outputs follow new inputs."""
+    import lowlat.graphs
+    step = StaticStep(group4)
+    step.load(fresh_inputs(4, 600))
+    captured = lowlat.graphs.capture(step, warmup=1)
+    for i in range(3):
+        inputs = fresh_inputs(4, 601 + i)
+        step.load(inputs)
+        results, ys, outs = captured.replay()
+        torch.cuda.synchronize()
+        check_step(step, results, ys, outs, inputs)
+
+
 def test_nothing_compiles_or_allocates_during_capture():
     buffers = lowlat.Buffer.local_group(2, **SHAPE)
     with pytest.raises(GraphCaptureError):

@@ -2,6 +2,8 @@
 transport).  Dispatch must match bit for bit; combine too for bf16 on the wire (same fp32 operation
 order), and within the LogFMT bound (see helpers.logfmt_tolerance) with LogFMT."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -68,7 +70,7 @@ def round_trip(buffers, inputs, shape, dispatch_mode, combine_mode, *, hook, dev
 @pytest.mark.parametrize("hook", [True, False], ids=["hook", "fused"])
 def test_dispatch_combine_matrix(num_ranks, dispatch_mode, combine_mode, hook):
     buffers = local_group(num_ranks, **SMALL)
-    seed = hash((num_ranks, dispatch_mode, combine_mode, hook)) % 2**31
+    seed = zlib.crc32(repr((num_ranks, dispatch_mode, combine_mode, hook)).encode())  # stable across processes
     inputs = make_inputs(num_ranks, SMALL["max_tokens_per_rank"], SMALL["hidden"], SMALL["num_experts"], SMALL["num_topk"],
                          seed=seed, device="cuda")
     round_trip(buffers, inputs, SMALL, dispatch_mode, combine_mode, hook=hook)

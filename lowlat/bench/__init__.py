@@ -1,0 +1,1 @@
+"""Latency microbenchmarks with same-run baselines: ``python -m lowlat.bench`` (see ``__main__``)."""

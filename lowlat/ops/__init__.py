@@ -1,0 +1,1 @@
+"""Host-side launchers, one module per kernel family in ``kernels/`` (same names)."""
