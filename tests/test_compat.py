@@ -6,7 +6,7 @@ import torch
 from lowlat.compat import deep_ep
 from lowlat.errors import UnavailableError
 from lowlat.transport.local import LocalWorld
-from lowlat import Buffer, layout
+from lowlat import layout
 from helpers import check_combine, check_dispatch, expert_outputs, make_inputs, reference_combined, reference_for
 
 

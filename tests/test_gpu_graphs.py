@@ -7,7 +7,7 @@ import torch
 import lowlat
 from lowlat.errors import GraphCaptureError, LowLatencyTimeoutError
 from conftest import requires_gpu
-from helpers import (check_combine, check_dispatch, expert_outputs, make_inputs, reference_combined, reference_for)
+from helpers import check_dispatch, make_inputs, reference_combined, reference_for
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowlat.errors import ArgumentError, ArgumentTypeError, CompileError
-from lowlat.jit import ArgKind, Compiler, Kernel, KernelSpec, params
+from lowlat.jit import ArgKind, Compiler, Kernel, KernelSpec
 from lowlat.jit.compiler import included_headers, kernel_dir
 from lowlat.jit.registry import SHIPPED_SHAPES, shipped_specs
 from lowlat.layout import BufferShape, RegionLayout

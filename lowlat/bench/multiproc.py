@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .runner import LocalRanks
+
 
 def run_processes(args, processes: int, env: dict, out: Path) -> int:
     import torch.multiprocessing as mp
@@ -54,7 +56,6 @@ def _worker(rank: int, world: int, gpus: int, init_file: str, args: dict, queue)
     from ..layout import BufferShape
     from ..transport.ipc import _DeviceMemory
     from .baselines import copy_bandwidth
-    from .runner import LocalRanks
     from .timing import time_replays
     from .workload import Config, Workload
 
@@ -150,7 +151,11 @@ def _check_my_rank(mine: _OneRank, rank: int, world: int) -> str:
     weights = [full.topk_weights[r, :n].cpu() for r in range(world)]
     want = reference.reference_combine(all_ys, refs, topks, weights, use_logfmt=c.use_logfmt)[rank]
     got = outs[0][0][:n].cpu()
-    if not c.use_logfmt:
+    if c.use_logfmt:
+        from .. import formats
+        worst = float((got.float() - want.float()).abs().amax() / want.float().abs().amax().clamp_min(1e-30))
+        assert worst <= 4 * formats.logfmt_max_relative_error(), f"rank {rank}: LogFMT combine off by {worst:.3g}"
+    else:
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"rank {rank}: combine differs"
     del ys
     return f"correct: every rank's dispatch bit-exact and combine {'within LogFMT bounds' if c.use_logfmt else 'bit-exact'} vs lowlat.reference ({c.label})"

@@ -9,7 +9,7 @@ import torch
 
 from .. import formats, reference
 from ..buffer import Buffer
-from .baselines import TorchDispatchCombine, copy_bandwidth
+from .baselines import TorchDispatchCombine
 from .timing import kernel_times, time_replays
 from .workload import Config, Workload
 
