@@ -15,7 +15,6 @@ using cuda::std::uint8_t;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ constexpr long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
-__host__ __device__ constexpr long long align_up(long long a, long long b) { return ceil_div(a, b) * b; }
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
@@ -44,8 +43,8 @@ __device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-__device__ __forceinline__ void st_relaxed_sys(uint32_t* ptr, uint32_t value) {
-    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+__device__ __forceinline__ void st_relaxed_sys(unsigned long long* ptr, unsigned long long value) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }

@@ -46,8 +46,7 @@ __device__ __forceinline__ void report(uint64_t* state, unsigned long long* stat
                                     (static_cast<unsigned long long>(rank & 0xffffff) << 32) |
                                     static_cast<unsigned>(value);
     auto* device_word = reinterpret_cast<unsigned long long*>(state + kStatusWord);
-    if (atomicCAS(device_word, 0ull, word) == 0ull)
-        asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(status), "l"(word) : "memory");
+    if (atomicCAS(device_word, 0ull, word) == 0ull) st_relaxed_sys(status, word);
 }
 
 }  // namespace lowlat

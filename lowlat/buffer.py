@@ -20,6 +20,7 @@ from .engines import EmulatedEngine, KernelEngine
 from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCaptureError, LowLatencyTimeoutError, ProtocolError,
                      RoutingError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
+from .jit.compiler import capturing
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
 from .ops import exchange
 from .ops.context import KernelConfig, RankContext
@@ -66,10 +67,6 @@ class MemoryReport:
         )
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class Buffer:
     """Low-latency dispatch/combine between the ranks of ``group``, with DeepEP LL semantics and formats.
 
@@ -94,7 +91,7 @@ class Buffer:
     def __init__(self, group, *, max_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int,
                  transport: str = "auto", num_sms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  enable_zero_copy: bool = False, validate_routing: bool = False):
-        if _capturing():
+        if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
         self.layout = RegionLayout.of(self.shape)
@@ -131,7 +128,7 @@ class Buffer:
         ``device`` defaults to the current GPU, or the CPU (emulated kernels) when there is none.
         Every rank has its own region and stream; returns the Buffers in rank order.
         """
-        if _capturing():
+        if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -174,7 +171,7 @@ class Buffer:
 
     def warmup(self) -> None:
         """Compile and load every kernel this Buffer can launch (the constructor already does)."""
-        if _capturing():
+        if capturing():
             raise GraphCaptureError("Buffer.warmup() compiles and loads kernels: call it before CUDA graph capture")
         self._engine.warmup()
 
@@ -221,7 +218,7 @@ class Buffer:
         self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32, s.num_local_experts)
         self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, torch.int64, s.num_ranks)
         self._check_modes(async_finish, return_recv_hook, "dispatch")
-        if self.validate_routing and not _capturing():
+        if self.validate_routing and not capturing():
             check.routing(topk_idx, s.num_experts, num_tokens)
 
         slot = self._take_slot()
@@ -404,7 +401,7 @@ class Buffer:
         Epoch flags make this unnecessary in normal operation; it is the way back after a timeout
         left the ranks' call counters apart.  Every rank must call it, outside graph capture.
         """
-        if _capturing():
+        if capturing():
             raise GraphCaptureError("clean_low_latency_buffer synchronises the ranks: call it outside graph capture")
         for name, value, expected in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, self.shape.max_tokens_per_rank),
                                       ("hidden", hidden, self.shape.hidden), ("num_experts", num_experts, self.shape.num_experts)):
@@ -426,10 +423,10 @@ class Buffer:
     def exchange_words(self, words: torch.Tensor) -> torch.Tensor:
         """All-gather int64 ``[4]`` from every rank through peer memory (a device-side barrier):
         returns int64 ``[num_ranks, 4]``.  Every rank must call it; capturable."""
-        words = check.tensor("words", words, dtypes=(torch.int64,), shape=(4,), device=self.device)
-        gathered = torch.empty(self.num_ranks, 4, dtype=torch.int64, device=self.device)
         if self.device.type != "cuda":
             raise UnavailableError("exchange_words runs a CUDA kernel; it needs a GPU")
+        words = check.tensor("words", words, dtypes=(torch.int64,), shape=(4,), device=self.device)
+        gathered = torch.empty(self.num_ranks, 4, dtype=torch.int64, device=self.device)
         exchange.allgather_words(self._ctx, words, gathered)
         return gathered
 

@@ -124,7 +124,8 @@ class CompiledCubin:
     from_cache: bool
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (set-up work must not happen then)."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -177,7 +178,7 @@ class Compiler:
         cached = self._memory.get(key)
         if cached is not None:
             return cached
-        if _capturing():
+        if capturing():
             raise GraphCaptureError(
                 f"{spec.display_name} is not compiled yet and a CUDA graph is being captured; "
                 "call Buffer.warmup() (or run the call once eagerly) before capture"
