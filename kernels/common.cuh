@@ -16,6 +16,12 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ constexpr long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
+// Channels one warp handles at a time along a token (a dispatch slice, a combine/LogFMT chunk): the
+// largest of 1024, 512, 256, 128 that divides the hidden size.
+__host__ __device__ constexpr int channel_chunk(int hidden) {
+    return hidden % 1024 == 0 ? 1024 : hidden % 512 == 0 ? 512 : hidden % 256 == 0 ? 256 : 128;
+}
+
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 

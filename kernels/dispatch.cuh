@@ -67,8 +67,7 @@ __device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& t
 // Channels per send item: a token is split into slices so that its loads and puts spread over warps.
 template <class Cfg>
 __host__ __device__ constexpr int slice_channels() {
-    constexpr int H = Cfg::kHidden;
-    return H % 1024 == 0 ? 1024 : H % 512 == 0 ? 512 : H % 256 == 0 ? 256 : 128;
+    return channel_chunk(Cfg::kHidden);
 }
 
 // Quantise (or not) channels [slice * kSlice, +kSlice) of one token and put them, with their scales,

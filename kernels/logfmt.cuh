@@ -16,9 +16,7 @@ namespace lowlat::logfmt {
 constexpr float kMinClip = 32.0f;  // at most 2^32 of dynamic range inside one group
 constexpr int kMaxCode = 511;      // nine bits; code 0 is zero
 
-__host__ __device__ constexpr int chunk_size(int hidden) {
-    return hidden % 1024 == 0 ? 1024 : hidden % 512 == 0 ? 512 : hidden % 256 == 0 ? 256 : 128;
-}
+__host__ __device__ constexpr int chunk_size(int hidden) { return channel_chunk(hidden); }
 
 __device__ __forceinline__ float lg2(float x) { float y; asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }

@@ -94,8 +94,8 @@ def _one_gpu(args, env, out: Path) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     rank_counts = [int(r) for r in (args.ranks or "8").split(",")]
     print(f"lowlat.bench on one {env['device']}: R virtual ranks on the local transport. This is a kernel "
-          "measurement: all ranks' work runs on this GPU, one rank after another (hook mode: every send, then "
-          "every receive, each kernel on the whole GPU, two blocks per SM), and nothing crosses NVLink.")
+          "measurement: all ranks' work runs on this GPU (hook mode: every rank's send, then every rank's receive, "
+          "ranks on their own streams, each kernel sized for the whole GPU), and nothing crosses NVLink.")
     copy_gbps = copy_bandwidth(device)
     print(f"device copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
     points = []

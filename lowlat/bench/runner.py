@@ -16,8 +16,9 @@ from .workload import Config, Workload
 
 class LocalRanks:
     """R virtual ranks on this GPU with static inputs.  ``dispatch()`` / ``combine()`` run one call of
-    every rank, capturable in one graph: in hook mode (the default for timing) every send, then every
-    receive, one after another; otherwise each rank on its own stream, concurrently, joined back."""
+    every rank, each rank on its own stream, joined back, capturable in one graph.  In hook mode (used
+    for timing) every rank's send is issued and joined before any receive, so no kernel waits for
+    another rank; otherwise the fused calls run concurrently and wait for each other."""
 
     def __init__(self, buffers: list[Buffer], work: Workload):
         self.buffers, self.work = buffers, work
