@@ -1,9 +1,13 @@
 // Compile-time check that a kernel's C++ parameter list matches the ABI its Python launcher declares.
-// Each parameter maps to one letter (see lowlat/jit/spec.py ArgKind); the JIT emits
+// Each parameter maps to one letter (see lowlat/jit/spec.py ArgKind; 'R' is the RankArgs struct); the JIT emits
 //   static_assert(lowlat::abi::matches<decltype(&kernel<Cfg>)>("ppiL..."));
 #pragma once
 
 #include <cuda/std/type_traits>
+
+namespace lowlat {
+struct RankArgs;  // kernels/rank.cuh: the by-value struct every kernel ends with
+}
 
 namespace lowlat::abi {
 
@@ -11,6 +15,7 @@ template <class T>
 __host__ __device__ constexpr char kind_of() {
     using U = cuda::std::remove_cv_t<T>;
     if constexpr (cuda::std::is_pointer_v<U>) return 'p';
+    else if constexpr (cuda::std::is_same_v<U, RankArgs>) return 'R';
     else if constexpr (cuda::std::is_same_v<U, bool>) return 'b';
     else if constexpr (cuda::std::is_same_v<U, float>) return 'f';
     else if constexpr (cuda::std::is_integral_v<U> && sizeof(U) == 4) return cuda::std::is_signed_v<U> ? 'i' : 'I';

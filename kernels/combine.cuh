@@ -11,6 +11,7 @@
 
 #include "common.cuh"
 #include "logfmt.cuh"
+#include "rank.cuh"
 #include "region.cuh"
 #include "signal.cuh"
 #include "state.cuh"
@@ -24,16 +25,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
                                                                      const int* __restrict__ recv_src_info,      // [L, R*T]
                                                                      const int* __restrict__ recv_src_topk,      // [L, R*T]
                                                                      const long long* __restrict__ recv_layout_range,  // [L, R]
-                                                                     int rank,
-                                                                     const uint64_t* __restrict__ peer_bases,
-                                                                     uint64_t* __restrict__ state,
-                                                                     int* __restrict__ rank_mask,
-                                                                     unsigned long long* __restrict__ status) {
+                                                                     const RankArgs rank) {
     using Reg = Region<Cfg>;
     using Chunk = logfmt::Chunk<logfmt::chunk_size(Cfg::kHidden)>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, K = Cfg::kNumTopk, H = Cfg::kHidden;
     constexpr int RT = R * T, kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
-    const Peers peers{peer_bases, rank};
+    const Peers peers = rank.peers();
+    uint64_t* const state = rank.state;
     const int lane = lane_id(), warp = threadIdx.x / 32;
     const int global_warp = blockIdx.x * Cfg::kNumWarps + warp;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
@@ -41,7 +39,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
 
     const uint64_t seq = state[kCombineSendSeq];
     if (seq - state[kCombineRecvSeq] >= 2) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusTooManyInFlight, rank, static_cast<int>(seq));
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
         return;
     }
     const int parity = static_cast<int>(seq & 1);
@@ -57,7 +55,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
         segments.locate(row, l, j, s, i);
         const int token = __ldg(recv_src_info + static_cast<uint64_t>(l) * RT + j);
         const int k = __ldg(recv_src_topk + static_cast<uint64_t>(l) * RT + j);
-        if (ld_cg(rank_mask + s) || token < 0 || token >= T || k < 0 || k >= K) continue;
+        if (rank.masked(s) || token < 0 || token >= T || k < 0 || k >= K) continue;
         const __nv_bfloat16* src = x + (static_cast<uint64_t>(l) * RT + j) * H + c * kChunk;
         const uint64_t chunk_offset = Reg::combine_slot(parity, token, k) + 2ull * kChunk * c;
         if constexpr (!Cfg::kUseLogFMT) {
@@ -78,7 +76,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
 
     if (finish_block(blocks_done(state, kCombineSendDone))) {
         for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
-            if (!ld_cg(rank_mask + peer)) signal(peers, peer, Reg::combine_flag(parity, rank), seq + 1);
+            if (!rank.masked(peer)) signal(peers, peer, Reg::combine_flag(parity, rank.id), seq + 1);
         if (threadIdx.x == 0) state[kCombineSendSeq] = seq + 1;
     }
 }
@@ -91,18 +89,14 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
                                                                      int num_tokens_host,
                                                                      int num_out_rows,
                                                                      long long* __restrict__ wait_cost_stats,  // [R] or null
-                                                                     int rank,
-                                                                     const uint64_t* __restrict__ peer_bases,
-                                                                     uint64_t* __restrict__ state,
-                                                                     int* __restrict__ rank_mask,
-                                                                     unsigned long long* __restrict__ status,
-                                                                     long long timeout_ns) {
+                                                                     const RankArgs rank) {
     using Reg = Region<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, K = Cfg::kNumTopk, H = Cfg::kHidden;
     constexpr int kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
     using Chunk = logfmt::Chunk<kChunk>;
     constexpr int kUnitsPerLane = Chunk::kUnitsPerLane;
-    const Peers peers{peer_bases, rank};
+    const Peers peers = rank.peers();
+    uint64_t* const state = rank.state;
     const int lane = lane_id();
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
@@ -110,11 +104,11 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
 
     const uint64_t seq = state[kCombineRecvSeq];
     if (seq >= state[kCombineSendSeq]) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusRecvWithoutSend, rank, static_cast<int>(seq));
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
         return;
     }
     const int parity = static_cast<int>(seq & 1);
-    wait_all_sources<R>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank_mask, source_ok, timeout_ns, state, status, wait_cost_stats);
+    wait_all_sources<R>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
     num_tokens = max(0, min(num_tokens, min(num_out_rows, Cfg::kMaxTokens)));
 

@@ -16,6 +16,7 @@
 
 #include "common.cuh"
 #include "fp8.cuh"
+#include "rank.cuh"
 #include "region.cuh"
 #include "signal.cuh"
 #include "state.cuh"
@@ -40,13 +41,13 @@ struct TopkTable {
 
 // Scan every (token, k) of this rank for `expert` and publish the matches to its owner.
 template <class Cfg>
-__device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& topk_idx, int num_tokens, int parity, const Peers& peers,
-                                             const int* rank_mask, uint64_t* state, unsigned long long* status) {
+__device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& topk_idx, int num_tokens, int parity, const RankArgs& rank) {
     using Reg = Region<Cfg>;
     constexpr int K = Cfg::kNumTopk, T = Cfg::kMaxTokens;
     const int lane = lane_id();
     const int dst = expert / Cfg::kNumLocalExperts, local_expert = expert % Cfg::kNumLocalExperts;
-    if (ld_cg(rank_mask + dst)) return;
+    if (rank.masked(dst)) return;
+    const Peers peers = rank.peers();
     const int total = num_tokens * K;
     int count = 0;
 #pragma unroll 4
@@ -59,7 +60,7 @@ __device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& t
         count += __popc(hits);
     }
     if (lane == 0) {
-        if (count > T) report(state, status, kStatusRouteOverflow, peers.rank, expert);  // a token named `expert` twice
+        if (count > T) report(rank.state, rank.status, kStatusRouteOverflow, rank.id, expert);  // a token named `expert` twice
         put_u32(peers, dst, Reg::dispatch_count(parity, local_expert, peers.rank), min(count, T));
     }
 }
@@ -75,8 +76,7 @@ __host__ __device__ constexpr int slice_channels() {
 // experts the token picked).
 template <class Cfg>
 __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bfloat16* x, const void* topk_idx, bool round_scale,
-                                           int parity, const Peers& peers, const int* rank_mask, uint64_t* state,
-                                           unsigned long long* status) {
+                                           int parity, const RankArgs& rank) {
     using Reg = Region<Cfg>;
     constexpr int K = Cfg::kNumTopk, H = Cfg::kHidden, kSlice = slice_channels<Cfg>();
     const int lane = lane_id();
@@ -84,10 +84,10 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
     if (lane < K) {
         const long long expert = load_expert<Cfg>(topk_idx, token * K + lane);
         if (expert < -1 || expert >= Cfg::kNumExperts) {
-            if (slice == 0) report(state, status, kStatusBadExpert, peers.rank, static_cast<int>(expert));
+            if (slice == 0) report(rank.state, rank.status, kStatusBadExpert, rank.id, static_cast<int>(expert));
         } else if (expert >= 0) {
             dst = static_cast<int>(expert) / Cfg::kNumLocalExperts;
-            if (ld_cg(rank_mask + dst)) dst = -1;
+            if (rank.masked(dst)) dst = -1;
         }
     }
     // One leader lane per distinct destination rank.
@@ -95,6 +95,7 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
     unsigned leaders = __ballot_sync(kFullMask, dst >= 0 && __ffs(same) - 1 == lane);
     if (leaders == 0) return;
 
+    const Peers peers = rank.peers();
     const int first = slice * kSlice;
     const __nv_bfloat16* row = x + static_cast<uint64_t>(token) * H;
     const uint8_t* staged = nullptr;
@@ -165,24 +166,21 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_
                                                                       const int* __restrict__ num_tokens_ptr,  // device scalar or null
                                                                       int num_tokens_host,
                                                                       bool round_scale,
-                                                                      int rank,
-                                                                      const uint64_t* __restrict__ peer_bases,
-                                                                      uint64_t* __restrict__ state,
-                                                                      int* __restrict__ rank_mask,
-                                                                      unsigned long long* __restrict__ status) {
+                                                                      const RankArgs rank) {
     constexpr int E = Cfg::kNumExperts, T = Cfg::kMaxTokens;
-    const Peers peers{peer_bases, rank};
+    const Peers peers = rank.peers();
+    uint64_t* const state = rank.state;
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
 
     const uint64_t seq = state[kDispatchSendSeq];
     if (seq - state[kDispatchRecvSeq] >= 2) {  // a third dispatch before the first receive
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusTooManyInFlight, rank, static_cast<int>(seq));
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
         return;
     }
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
     if (num_tokens < 0 || num_tokens > T) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, status, kStatusBadNumTokens, rank, num_tokens);
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusBadNumTokens, rank.id, num_tokens);
         num_tokens = 0;
     }
     const int parity = static_cast<int>(seq & 1);
@@ -202,16 +200,16 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_
     constexpr int kSlices = Cfg::kHidden / dispatch_detail::slice_channels<Cfg>();
     for (int item = global_warp; item < E + num_tokens * kSlices; item += num_global_warps) {
         if (item < E) {
-            dispatch_detail::route_expert<Cfg>(item, topk_table, num_tokens, parity, peers, rank_mask, state, status);
+            dispatch_detail::route_expert<Cfg>(item, topk_table, num_tokens, parity, rank);
         } else {
             const int token = (item - E) / kSlices, slice = (item - E) % kSlices;
-            dispatch_detail::send_slice<Cfg>(token, slice, x, topk_idx, round_scale, parity, peers, rank_mask, state, status);
+            dispatch_detail::send_slice<Cfg>(token, slice, x, topk_idx, round_scale, parity, rank);
         }
     }
 
     if (finish_block(blocks_done(state, kDispatchSendDone))) {
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
-            if (!ld_cg(rank_mask + peer)) signal(peers, peer, Region<Cfg>::dispatch_flag(parity, rank), seq + 1);
+            if (!rank.masked(peer)) signal(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);
         if (threadIdx.x == 0) state[kDispatchSendSeq] = seq + 1;
     }
 }
@@ -225,15 +223,11 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __res
                                                                       long long* __restrict__ recv_layout_range,  // [L, R] begin << 32 | count
                                                                       int* __restrict__ cumulative_recv_stats,    // [L] or null
                                                                       long long* __restrict__ wait_cost_stats,    // [R] or null
-                                                                      int rank,
-                                                                      const uint64_t* __restrict__ peer_bases,
-                                                                      uint64_t* __restrict__ state,
-                                                                      int* __restrict__ rank_mask,
-                                                                      unsigned long long* __restrict__ status,
-                                                                      long long timeout_ns) {
+                                                                      const RankArgs rank) {
     using Reg = Region<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, RT = R * T;
-    const Peers peers{peer_bases, rank};
+    const Peers peers = rank.peers();
+    uint64_t* const state = rank.state;
     const int lane = lane_id();
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
@@ -243,13 +237,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __res
     const uint64_t seq = state[kDispatchRecvSeq];
     if (seq >= state[kDispatchSendSeq]) {  // nothing was sent for this receive
         if (blockIdx.x == 0) {
-            if (threadIdx.x == 0) report(state, status, kStatusRecvWithoutSend, rank, static_cast<int>(seq));
+            if (threadIdx.x == 0) report(state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
             for (int l = threadIdx.x; l < L; l += blockDim.x) recv_count[l] = 0;
         }
         return;
     }
     const int parity = static_cast<int>(seq & 1);
-    wait_all_sources<R>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank_mask, source_ok, timeout_ns, state, status, wait_cost_stats);
+    wait_all_sources<R>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     segments.build([&](int l, int s) { return source_ok[s] ? min(ld_cg(reinterpret_cast<const int*>(peers.local(Reg::dispatch_count(parity, l, s)))), T) : 0; });
 
     if (blockIdx.x == 0) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "rank.cuh"
 #include "state.cuh"
 
 namespace lowlat {
@@ -52,21 +53,20 @@ __device__ __forceinline__ bool finish_block(unsigned* counter) {
 // Wait for the flag of every source rank (threads stride over ranks).  Sources masked before the
 // call, late ones (masked now, reported), and overrunning ones end with source_ok[s] == 0.
 template <int kNumRanks>
-__device__ __forceinline__ void wait_all_sources(const uint8_t* flags_base, uint64_t expected, int* rank_mask, int* source_ok,
-                                                 long long timeout_ns, uint64_t* state, unsigned long long* status,
+__device__ __forceinline__ void wait_all_sources(const uint8_t* flags_base, uint64_t expected, const RankArgs& rank, int* source_ok,
                                                  long long* wait_cost_stats) {
     for (int src = threadIdx.x; src < kNumRanks; src += blockDim.x) {
         int ok = 0;
-        if (!ld_cg(rank_mask + src)) {
+        if (!rank.masked(src)) {
             long long cycles = 0;
             const auto flag = reinterpret_cast<const uint64_t*>(flags_base) + src;
-            const WaitResult result = wait_flag(flag, expected, timeout_ns, &cycles);
+            const WaitResult result = wait_flag(flag, expected, rank.timeout_ns, &cycles);
             ok = result == WaitResult::kArrived;
             if (result == WaitResult::kTimeout) {
-                atomicExch(rank_mask + src, 1);
-                report(state, status, kStatusTimeout, src, static_cast<int>(expected));
+                atomicExch(rank.mask + src, 1);
+                report(rank.state, rank.status, kStatusTimeout, src, static_cast<int>(expected));
             } else if (result == WaitResult::kOverrun) {
-                report(state, status, kStatusOverrun, src, static_cast<int>(expected));
+                report(rank.state, rank.status, kStatusOverrun, src, static_cast<int>(expected));
             }
             if (wait_cost_stats != nullptr && blockIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(wait_cost_stats + src), cycles);
         }

@@ -2,9 +2,8 @@
 //
 // Kernels see a device array of R peer base addresses (filled by the transport: virtual ranks on
 // one GPU, CUDA IPC over NVLink) and address peers by (rank, byte offset).  Every data write, every
-// word write and every signal goes through put_warp / put_u32 / signal below, so a transport whose
-// peers are not reachable by pointer (NVSHMEM puts over InfiniBand) replaces these three functions
-// and nothing else.
+// word write and every signal goes through put_warp / put_u32 / put_u64 / signal below: these are the
+// functions a transport whose peers are not reachable by pointer (NVSHMEM puts) has to provide.
 #pragma once
 
 #include "common.cuh"
@@ -47,6 +46,10 @@ __device__ __forceinline__ void put_warp(const Peers& peers, int peer, uint64_t 
 // One 32-bit word to a peer (routing tables, counts, LogFMT metadata).
 __device__ __forceinline__ void put_u32(const Peers& peers, int peer, uint64_t dst_offset, uint32_t value) {
     *reinterpret_cast<uint32_t*>(peers.remote(peer, dst_offset)) = value;
+}
+
+__device__ __forceinline__ void put_u64(const Peers& peers, int peer, uint64_t dst_offset, uint64_t value) {
+    *reinterpret_cast<uint64_t*>(peers.remote(peer, dst_offset)) = value;
 }
 
 // Release-store a 64-bit flag at a peer: everything this thread (and, through a preceding fence and

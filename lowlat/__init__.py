@@ -12,7 +12,7 @@ captured CUDA graphs replay correctly any number of times.
 
 from .buffer import Buffer, MemoryReport
 from .errors import (ArgumentError, ArgumentTypeError, CompileError, DeviceError, GraphCaptureError, LowLatError,
-                     LowLatencyTimeoutError, ProtocolError, RoutingError, TransportError, UnavailableError)
+                     LowLatencyTimeoutError, ProtocolError, RoutingError, StaleHandleError, TransportError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape
 
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "Buffer", "BufferShape", "CompileError", "DeviceError", "DispatchHandle",
     "EventOverlap", "GraphCaptureError", "LowLatError", "LowLatencyTimeoutError", "MemoryReport", "ProtocolError",
-    "RecvHook", "RoutingError", "TransportError", "UnavailableError",
+    "RecvHook", "RoutingError", "StaleHandleError", "TransportError", "UnavailableError",
 ]

@@ -1,15 +1,22 @@
 """``lowlat.Buffer``: low-latency expert-parallel dispatch and combine, CUDA-graph first.
 
-Every shape is fixed at construction, where everything is allocated and every kernel compiled; the
-calls allocate nothing, compile nothing and talk to no host process, so they can be captured in a
-CUDA graph and replayed any number of times.  Per-call state (sequence numbers, buffer parity) lives
-on the device and is advanced by the kernels.
+Every shape is fixed at construction, where the symmetric region, the output storage and every
+kernel's launch plan are prepared; the calls compile nothing and talk to no host process, so they
+can be captured in a CUDA graph and replayed any number of times.  Per-call state (sequence
+numbers, buffer parity) lives on the device and is advanced by the kernels.  An eager call costs a
+few microseconds of host time: argument checks, then one prepared launch per half.
+
+Output ownership (``lowlat/outputs.py``): dispatch outputs are static by default (two sets, used
+alternately; a handle raises ``StaleHandleError`` once its set was reused) or fresh per call with
+``fresh_outputs=True``; combine outputs are always fresh (or the caller's ``out=``).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 
@@ -18,18 +25,22 @@ import torch
 from . import validation as check
 from .engines import EmulatedEngine, KernelEngine
 from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCaptureError, LowLatencyTimeoutError, ProtocolError,
-                     RoutingError, UnavailableError)
+                     RoutingError, StaleHandleError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
-from .jit.compiler import capturing
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
-from .ops import exchange
 from .ops.context import KernelConfig, RankContext
-from .ops.dispatch import DispatchOutputs
+from .outputs import CombineOutput, OutputSet, Pool, capturing_now
 from .transport.base import Transport
-from .transport.local import LocalTransport, LocalWorld
+from .transport.local import LocalWorld
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
+_KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is waited for
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (set-up work must not happen then)."""
+    return capturing_now()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +63,30 @@ class MemoryReport:
 
     @staticmethod
     def estimate(shape: BufferShape, *, enable_zero_copy: bool = False) -> "MemoryReport":
-        """What a Buffer of ``shape`` allocates per rank, without building one."""
+        """What a Buffer of ``shape`` allocates per rank at construction, without building one (a
+        ``fresh_outputs`` Buffer's pools start at the same two sets and grow while results are held)."""
         s = shape
-        rows = s.num_local_experts * s.rows_per_expert
-        per_slot = (rows * 2 * s.hidden  # recv_x, bf16-capable
-                    + s.num_local_experts * s.num_groups * s.scale_row_stride * 4  # scales
-                    + s.num_local_experts * 4 + 2 * rows * 4 + s.num_local_experts * s.num_ranks * 8)  # counts, sources, ranges
         return MemoryReport(
             symmetric_region=RegionLayout.of(s).total_bytes,
-            dispatch_outputs=2 * per_slot,
+            dispatch_outputs=2 * OutputSet.carve(s)[2],
             combine_outputs=2 * s.max_tokens_per_rank * s.hidden * 2,
-            zero_copy_buffers=2 * rows * s.hidden * 2 if enable_zero_copy else 0,
+            zero_copy_buffers=2 * s.num_local_experts * s.rows_per_expert * s.hidden * 2 if enable_zero_copy else 0,
             device_state=StateWord.NUM_STATE_WORDS * 8 + s.num_ranks * 4,
         )
+
+
+def _on_own_device(method):
+    """Run a call with the Buffer's device current, whatever device the caller made current."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        index = self._device_index
+        if index is not None and torch._C._cuda_getDevice() != index:
+            with torch.cuda.device(index):
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return call
 
 
 class Buffer:
@@ -81,16 +103,18 @@ class Buffer:
             not implemented yet).
         num_sms: blocks per kernel (default: two per SM; ``SMs / R`` for virtual ranks on one GPU).
         timeout_s: how long a receive waits for a peer before it masks it and reports a timeout.
-        enable_zero_copy: allocate the two bf16 ``[L, R*T, hidden]`` buffers that
-            ``get_next_low_latency_combine_buffer`` returns (off by default: on peer-memory
-            transports combine reads the expert outputs wherever they are, so they save nothing).
+        enable_zero_copy: allocate the bf16 ``[L, R*T, hidden]`` buffers that
+            ``get_next_low_latency_combine_buffer`` returns (one per static output set; fresh-output
+            Buffers allocate them on first request).
+        fresh_outputs: every dispatch returns tensors no earlier result aliases (DeepEP's behaviour;
+            see ``lowlat/outputs.py``); default: two static output sets, for CUDA graphs.
         validate_routing: check ``topk_idx`` fully on the host before each eager call (synchronises;
             the kernels always detect bad indices themselves and report them at the next call).
     """
 
     def __init__(self, group, *, max_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int,
                  transport: str = "auto", num_sms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 enable_zero_copy: bool = False, validate_routing: bool = False):
+                 enable_zero_copy: bool = False, fresh_outputs: bool = False, validate_routing: bool = False):
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
@@ -99,25 +123,31 @@ class Buffer:
         self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
         if self.transport.region_bytes < self.layout.total_bytes:
             raise ArgumentError(f"the transport's region has {self.transport.region_bytes} bytes, {self.layout.total_bytes} needed")
-        if not timeout_s > 0:
-            raise ArgumentError(f"timeout_s must be > 0, got {timeout_s}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ArgumentError(f"timeout_s must be a number > 0, got {timeout_s!r}")
         self.device = self.transport.device
+        self._device_index = self.device.index if self.device.type == "cuda" else None
         self.buffer_id = next(_buffer_ids)
         self.timeout_s = float(timeout_s)
         self.validate_routing = check.flag("validate_routing", validate_routing)
-        self._ctx = self._make_context(num_sms)
-        self._engine = KernelEngine(self._ctx) if self.device.type == "cuda" else EmulatedEngine(self._ctx, self.transport)
-        self._outputs = [self._allocate_dispatch_outputs() for _ in range(2)]
-        s = self.shape
-        self._combined = [torch.empty(s.max_tokens_per_rank, s.hidden, dtype=torch.bfloat16, device=self.device) for _ in range(2)]
-        self._zero_copy = [torch.empty(s.num_local_experts, s.rows_per_expert, s.hidden, dtype=torch.bfloat16, device=self.device)
-                           for _ in range(2)] if enable_zero_copy else None
-        self._next_slot = 0
+        self.fresh_outputs = check.flag("fresh_outputs", fresh_outputs)
+        check.flag("enable_zero_copy", enable_zero_copy)
+        with torch.cuda.device(self._device_index) if self._device_index is not None else contextlib.nullcontext():
+            self._ctx = self._make_context(num_sms)
+            self._status_host = self._ctx.status.numpy()  # the pinned status word, read without torch ops
+            self._engine = KernelEngine(self._ctx) if self.device.type == "cuda" else EmulatedEngine(self._ctx, self.transport)
+            s, device = self.shape, self.device
+            first = [OutputSet(s, device, index=-1 if fresh_outputs else i, with_zero_copy=enable_zero_copy) for i in range(2)]
+            self._static = [] if fresh_outputs else first  # used alternately
+            self._output_pool = Pool(lambda: OutputSet(s, device), first if fresh_outputs else [])
+            self._combine_pool = Pool(lambda: CombineOutput(s, device), [CombineOutput(s, device) for _ in range(2)])
+            self._comm_stream = getattr(self.transport, "stream", None)
+            if self._comm_stream is None and self.device.type == "cuda":
+                self._comm_stream = torch.cuda.Stream(self.device)
+            self.warmup()
+        self._dispatches = 0
         self._pending: dict[str, collections.deque] = {"dispatch": collections.deque(), "combine": collections.deque()}
-        self._comm_stream = getattr(self.transport, "stream", None)
-        if self._comm_stream is None and self.device.type == "cuda":
-            self._comm_stream = torch.cuda.Stream(self.device)
-        self.warmup()
+        self._in_flight: collections.deque = collections.deque()  # (event, tensors) of async_finish calls
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -132,6 +162,9 @@ class Buffer:
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         probe = BufferShape(num_ranks, kwargs["num_experts"], kwargs["num_topk"], kwargs["hidden"], kwargs["max_tokens_per_rank"])
         world = LocalWorld(num_ranks, RegionLayout.of(probe).total_bytes, device)
         return [cls(world.transport(rank), **kwargs) for rank in range(num_ranks)]
@@ -141,10 +174,11 @@ class Buffer:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             # Two 512-thread blocks per SM keep enough loads in flight; virtual ranks that run
             # concurrently on one GPU share it, and their kernels must be co-resident.
-            default = max(1, sms // self.num_ranks) if isinstance(self.transport, LocalTransport) else 2 * sms
-            status = torch.zeros(1, dtype=torch.int64, pin_memory=True)  # written by kernels, read without a sync
+            default = max(1, sms // self.num_ranks) if self.transport.colocated else 2 * sms
+            # Written by kernels, read without a sync.
+            status = torch.zeros(1, dtype=torch.int64, device="cpu", pin_memory=True)
         else:
-            default, status = 1, torch.zeros(1, dtype=torch.int64)
+            default, status = 1, torch.zeros(1, dtype=torch.int64, device="cpu")
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ArgumentError(f"num_sms must be a positive int, got {num_sms!r}")
         return RankContext(
@@ -158,25 +192,16 @@ class Buffer:
             num_blocks=num_sms or default,
         )
 
-    def _allocate_dispatch_outputs(self) -> DispatchOutputs:
-        s, device = self.shape, self.device
-        return DispatchOutputs(
-            recv_x=torch.empty(s.num_local_experts, s.rows_per_expert, 2 * s.hidden, dtype=torch.uint8, device=device),
-            recv_scales=torch.empty(s.num_local_experts, s.num_groups, s.scale_row_stride, dtype=torch.float32, device=device),
-            recv_count=torch.zeros(s.num_local_experts, dtype=torch.int32, device=device),
-            recv_src_info=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
-            recv_src_topk=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
-            recv_layout_range=torch.zeros(s.num_local_experts, s.num_ranks, dtype=torch.int64, device=device),
-        )
-
     def warmup(self) -> None:
-        """Compile and load every kernel this Buffer can launch (the constructor already does)."""
+        """Compile and load every kernel this Buffer can launch and plan its launches (the
+        constructor already does)."""
         if capturing():
             raise GraphCaptureError("Buffer.warmup() compiles and loads kernels: call it before CUDA graph capture")
         self._engine.warmup()
 
     # -- dispatch ----------------------------------------------------------------------------------------
 
+    @_on_own_device
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, *, use_fp8: bool = True, round_scale: bool = False,
                              use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
                              cumulative_local_expert_recv_stats: torch.Tensor | None = None,
@@ -197,58 +222,65 @@ class Buffer:
         or ``(fp8 [L, R*T, hidden], scales)`` with fp32 scales ``[L, R*T, hidden/128]`` or int32 UE8M0
         ``[L, R*T, ceil(hidden/512)]``, column-major in the last two dimensions; only the first
         ``recv_count[l]`` rows of local expert l are valid (ordered by source rank, then token).
-        The outputs are the Buffer's own storage (two slots, used alternately): they stay valid until
-        the next-but-one dispatch.
+        Static outputs (the default) stay valid until the next-but-one dispatch; fresh outputs
+        (``fresh_outputs=True``) as long as they are held.
         """
         self.check_status()
         s = self.shape
-        for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
-                            ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):
-            check.flag(name, value)
+        check.flags(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
+                    return_recv_hook=return_recv_hook)
         if round_scale and not use_fp8:
             raise ArgumentError("round_scale=True needs use_fp8=True")
         if use_ue8m0 and not round_scale:
             raise ArgumentError("use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
-        x = check.tensor("x", x, dtypes=(torch.bfloat16,), shape=(None, s.hidden), device=self.device)
+        check.tensor("x", x, dtypes=check.BF16, shape=(None, s.hidden), device=self.device)
         n = x.shape[0]
         if n > s.max_tokens_per_rank:
             raise ArgumentError(f"x has {n} tokens, more than max_tokens_per_rank={s.max_tokens_per_rank}")
-        topk_idx = check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
+        check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
         num_tokens, num_tokens_device = check.num_tokens_arg(num_tokens, n, self.device)
-        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32, s.num_local_experts)
-        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, torch.int64, s.num_ranks)
+        recv_stats, wait_stats = cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats
+        if recv_stats is not None:
+            check.tensor("cumulative_local_expert_recv_stats", recv_stats, dtypes=check.INT32, shape=(s.num_local_experts,),
+                         device=self.device)
+        if wait_stats is not None:
+            check.tensor("dispatch_wait_recv_cost_stats", wait_stats, dtypes=check.INT64, shape=(s.num_ranks,), device=self.device)
         self._check_modes(async_finish, return_recv_hook, "dispatch")
         if self.validate_routing and not capturing():
             check.routing(topk_idx, s.num_experts, num_tokens)
 
-        slot = self._take_slot()
-        out = self._outputs[slot]
-        handle = DispatchHandle(self.buffer_id, slot, out, n, num_tokens_device, s.max_tokens_per_rank, s.hidden, s.num_experts)
-        recv_x = self._recv_views(out, use_fp8, use_ue8m0)
+        fresh = self.fresh_outputs
+        outputs = self._take_outputs()
+        handle = DispatchHandle(self.buffer_id, outputs, outputs.generation, n, num_tokens_device, s.max_tokens_per_rank,
+                                s.hidden, s.num_experts)
+        if fresh:
+            outputs.attach(handle)
+        recv_x = outputs.recv_x(use_fp8, use_ue8m0, fresh)
+        recv_count = outputs.outputs.recv_count.detach() if fresh else outputs.outputs.recv_count
+        engine, out = self._engine, outputs.outputs
         event, hook = self._issue(
             "dispatch",
-            send=lambda: self._engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8=use_fp8, round_scale=round_scale),
-            receive=lambda: self._engine.dispatch_recv(out, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
-                                                       cumulative_recv_stats=cumulative_local_expert_recv_stats,
-                                                       wait_cost_stats=dispatch_wait_recv_cost_stats),
-            async_finish=async_finish, return_recv_hook=return_recv_hook, inputs=(x, topk_idx))
-        return recv_x, out.recv_count, handle, event, hook
+            lambda stream: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8=use_fp8, round_scale=round_scale,
+                                                stream=stream),
+            lambda stream: engine.dispatch_recv(out, use_fp8=use_fp8, use_ue8m0=use_ue8m0, cumulative_recv_stats=recv_stats,
+                                                wait_cost_stats=wait_stats, stream=stream),
+            async_finish, return_recv_hook, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,), handle)
+        return recv_x, recv_count, handle, event, hook
 
-    def _recv_views(self, out: DispatchOutputs, use_fp8: bool, use_ue8m0: bool):
-        s = self.shape
-        if not use_fp8:
-            return out.recv_x.view(torch.bfloat16)
-        data = out.recv_x.view(-1)[: s.num_local_experts * s.rows_per_expert * s.hidden]
-        data = data.view(torch.float8_e4m3fn).view(s.num_local_experts, s.rows_per_expert, s.hidden)
-        if use_ue8m0:
-            words = out.recv_scales.view(torch.int32).view(-1)[: s.num_local_experts * s.num_ue8m0_words * s.scale_row_stride]
-            storage = words.view(s.num_local_experts, s.num_ue8m0_words, s.scale_row_stride)
+    def _take_outputs(self) -> OutputSet:
+        self._dispatches += 1
+        if not self.fresh_outputs:
+            outputs = self._static[self._dispatches & 1]
+        elif capturing():
+            outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
-            storage = out.recv_scales
-        return data, storage[:, :, : s.rows_per_expert].transpose(1, 2)
+            outputs = self._output_pool.acquire(self.device)
+        outputs.generation = self._dispatches
+        return outputs
 
     # -- combine -----------------------------------------------------------------------------------------
 
+    @_on_own_device
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, *,
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
                             return_recv_hook: bool = False, out: torch.Tensor | None = None,
@@ -256,98 +288,132 @@ class Buffer:
         """Bring expert outputs back and reduce them: ``out[t] = sum_k topk_weights[t, k] * y(t, k)``.
 
         Args:
-            x: bf16 ``[L, R*T, hidden]`` expert outputs in the dispatch layout of ``handle`` (with
-                ``zero_copy=True``: the tensor ``get_next_low_latency_combine_buffer(handle)`` returned).
+            x: bf16 ``[L, R*T, hidden]`` expert outputs in the dispatch layout of ``handle``.  With
+                ``zero_copy=True`` the outputs are read from ``get_next_low_latency_combine_buffer(handle)``,
+                where the caller wrote them, and ``x`` (any tensor of that shape and dtype, DeepEP's
+                convention) only names the shape.
             topk_idx / topk_weights: the ``[n, num_topk]`` routing of the dispatch (weights float32).
             use_logfmt: LogFMT-10 on the wire (not with zero_copy).
             out: optional bf16 ``[n, hidden]`` to write into.
             combine_wait_recv_cost_stats: int64 ``[num_ranks]``, += clock cycles spent waiting per source.
 
         Returns ``(combined_x bf16 [n, hidden], event, hook)``; the sum runs in fp32 in top-k order.
+        ``combined_x`` is ``out``, or a tensor of its own (no two combines share storage).
         """
         self.check_status()
         s = self.shape
-        for name, value in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
-                            ("return_recv_hook", return_recv_hook)):
-            check.flag(name, value)
+        check.flags(use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook)
+        self._check_handle(handle)
+        if zero_copy and use_logfmt:
+            raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
+        n = handle.num_tokens
+        check.tensor("x", x, dtypes=check.BF16, shape=(s.num_local_experts, s.rows_per_expert, s.hidden), device=self.device,
+                     contiguous=not zero_copy)
+        source = x
+        if zero_copy:
+            source = handle.outputs.zero_copy
+            if source is None:
+                raise ArgumentError("zero_copy=True reads get_next_low_latency_combine_buffer(handle), and this Buffer "
+                                    + ("has none yet for this handle: call it and write the expert outputs there first"
+                                       if self.fresh_outputs else "was built without enable_zero_copy=True"))
+        check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
+        check.tensor("topk_weights", topk_weights, dtypes=check.FLOAT32, shape=(n, s.num_topk), device=self.device)
+        wait_stats = combine_wait_recv_cost_stats
+        if wait_stats is not None:
+            check.tensor("combine_wait_recv_cost_stats", wait_stats, dtypes=check.INT64, shape=(s.num_ranks,), device=self.device)
+        if out is not None:
+            check.tensor("out", out, dtypes=check.BF16, shape=(n, s.hidden), device=self.device)
+        self._check_modes(async_finish, return_recv_hook, "combine")
+
+        reusable = ()
+        if out is None:
+            if capturing():
+                out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
+            else:
+                entry = self._combine_pool.acquire(self.device)
+                out, reusable = entry.tensor[:n], (entry,)
+        engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
+        event, hook = self._issue(
+            "combine",
+            lambda stream: engine.combine_send(source, layout, use_logfmt=use_logfmt, stream=stream),
+            lambda stream: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt=use_logfmt,
+                                               wait_cost_stats=wait_stats, stream=stream),
+            async_finish, return_recv_hook, (x, source, topk_idx, topk_weights, out, wait_stats, handle), reusable, None)
+        return out, event, hook
+
+    def _check_handle(self, handle) -> None:
         if not isinstance(handle, DispatchHandle):
             raise ArgumentTypeError(f"handle must be the DispatchHandle low_latency_dispatch returned, got {type(handle).__name__}")
         if handle.buffer_id != self.buffer_id:
             raise ArgumentError(f"handle comes from Buffer #{handle.buffer_id}, not from this Buffer (#{self.buffer_id})")
-        if zero_copy and use_logfmt:
-            raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
-        n = handle.num_tokens
-        x = check.tensor("x", x, dtypes=(torch.bfloat16,), shape=(s.num_local_experts, s.rows_per_expert, s.hidden), device=self.device)
-        if zero_copy and x.data_ptr() != self.get_next_low_latency_combine_buffer(handle).data_ptr():
-            raise ArgumentError("zero_copy=True expects x to be get_next_low_latency_combine_buffer(handle)")
-        topk_idx = check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
-        topk_weights = check.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(n, s.num_topk), device=self.device)
-        if out is None:
-            out = self._combined[handle.slot][:n]
-        else:
-            out = check.tensor("out", out, dtypes=(torch.bfloat16,), shape=(n, s.hidden), device=self.device)
-        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, s.num_ranks)
-        self._check_modes(async_finish, return_recv_hook, "combine")
+        if handle.is_stale:
+            raise StaleHandleError(f"handle of dispatch #{handle.generation} is stale: dispatch #{handle.outputs.generation} reused "
+                                   f"its output slot {handle.slot} (static outputs live until the next-but-one dispatch; "
+                                   "build the Buffer with fresh_outputs=True to hold results longer)")
 
-        event, hook = self._issue(
-            "combine",
-            send=lambda: self._engine.combine_send(x, handle.layout, use_logfmt=use_logfmt),
-            receive=lambda: self._engine.combine_recv(out, topk_idx, topk_weights, n, handle.num_tokens_device,
-                                                      use_logfmt=use_logfmt, wait_cost_stats=combine_wait_recv_cost_stats),
-            async_finish=async_finish, return_recv_hook=return_recv_hook, inputs=(x, topk_idx, topk_weights))
-        return out, event, hook
-
+    @_on_own_device
     def get_next_low_latency_combine_buffer(self, handle: DispatchHandle) -> torch.Tensor:
-        """bf16 ``[L, R*T, hidden]`` a GEMM epilogue may write the expert outputs into, followed by
-        ``low_latency_combine(buffer, ..., zero_copy=True)``.  lowlat's peer-memory transports read
-        the outputs from wherever they are, so this saves no copy there; it exists for DeepEP
-        compatibility (and for transports that can only send from registered memory)."""
-        if self._zero_copy is None:
-            raise ArgumentError("this Buffer was built without enable_zero_copy=True")
-        if not isinstance(handle, DispatchHandle) or handle.buffer_id != self.buffer_id:
-            raise ArgumentError("handle must be a DispatchHandle of this Buffer")
-        return self._zero_copy[handle.slot]
+        """bf16 ``[L, R*T, hidden]`` that the next combine of ``handle`` reads with ``zero_copy=True``:
+        a GEMM epilogue writes the expert outputs here, then ``low_latency_combine(x, ...,
+        zero_copy=True)`` sends them (``x`` only names the shape, as in DeepEP).  Each handle has its
+        own, so two micro-batches' buffers never alias."""
+        self._check_handle(handle)
+        if handle.outputs.zero_copy is None:
+            if not self.fresh_outputs:
+                raise ArgumentError("this Buffer was built without enable_zero_copy=True")
+            if capturing():
+                raise GraphCaptureError("the zero-copy buffer is allocated on first request: ask for it once before capture")
+            handle.outputs.ensure_zero_copy()
+        return handle.outputs.zero_copy
 
     # -- issuing halves ----------------------------------------------------------------------------------
-
-    def _take_slot(self) -> int:
-        slot = self._next_slot
-        self._next_slot ^= 1
-        return slot
-
-    def _check_stats(self, name: str, value, dtype: torch.dtype, size: int) -> None:
-        if value is not None:
-            check.tensor(name, value, dtypes=(dtype,), shape=(size,), device=self.device)
 
     def _check_modes(self, async_finish: bool, return_recv_hook: bool, kind: str) -> None:
         if async_finish and return_recv_hook:
             raise ArgumentError("async_finish=True and return_recv_hook=True cannot be combined")
-        pending = len(self._pending[kind])
-        if return_recv_hook and pending >= 2:
-            raise ArgumentError(f"two {kind} receive hooks are pending: call the older one before sending a third {kind}")
-        if not return_recv_hook and pending:
-            raise ArgumentError(f"a {kind} receive hook is pending: call it before a {kind} without return_recv_hook")
+        pending = self._pending[kind]
+        if pending:
+            if not return_recv_hook:
+                raise ArgumentError(f"a {kind} receive hook is pending: call it before a {kind} without return_recv_hook")
+            if len(pending) >= 2:
+                raise ArgumentError(f"two {kind} receive hooks are pending: call the older one before sending a third {kind}")
 
-    def _issue(self, kind: str, *, send, receive, async_finish: bool, return_recv_hook: bool, inputs):
+    def _issue(self, kind: str, send, receive, async_finish: bool, return_recv_hook: bool, keep: tuple, reusable: tuple, handle):
+        """Launch the halves: ``send(stream)`` now and ``receive(stream)`` now, later (hook) or both on
+        the comm stream (async_finish).  ``keep``: every tensor the kernels touch, held until they are
+        done in async mode; ``reusable``: pooled outputs whose next user must wait for this work."""
         if return_recv_hook:
-            send()
-            hook = RecvHook(kind, receive, self._run_hook)
+            send(None)
+            hook = RecvHook(kind, lambda: receive(None), self._run_hook, handle)
             self._pending[kind].append(hook)
             return EventOverlap(), hook
-        if async_finish and self.device.type == "cuda":
-            current, comm = torch.cuda.current_stream(self.device), self._comm_stream
-            comm.wait_stream(current)
-            with torch.cuda.stream(comm):
-                send()
-                receive()
-                event = torch.cuda.Event()
-                event.record(comm)
-            for tensor in inputs:
-                tensor.record_stream(comm)
-            return EventOverlap(event), None
-        send()
-        receive()
+        if async_finish and self._device_index is not None:
+            comm = self._comm_stream
+            comm.wait_stream(torch.cuda.current_stream(self.device))
+            stream = comm.cuda_stream
+            send(stream)
+            receive(stream)
+            event = torch.cuda.Event()
+            event.record(comm)
+            self._hold_until_done(event, keep)
+            for item in reusable:
+                item.pending_event = event
+            return EventOverlap(event, keep), None
+        send(None)
+        receive(None)
         return EventOverlap(), None
+
+    def _hold_until_done(self, event, tensors: tuple) -> None:
+        """Keep the tensors of an async call alive until its event completes, even if the caller drops
+        the event and its inputs (the caching allocator would otherwise reuse their memory)."""
+        in_flight = self._in_flight
+        capture = capturing()
+        while in_flight and not capture and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
+            if len(in_flight) >= _KEEP_ALIVE_LIMIT:
+                in_flight[0][0].synchronize()
+            in_flight.popleft()
+        if not capture:
+            in_flight.append((event, tensors))
 
     def _run_hook(self, hook: RecvHook) -> None:
         pending = self._pending[hook.kind]
@@ -357,7 +423,12 @@ class Buffer:
             raise ArgumentError(f"{hook.kind} receive hooks must be called in the order their sends were issued")
         pending.popleft()
         hook.done = True
-        hook.receive()
+        if self._device_index is not None and torch._C._cuda_getDevice() != self._device_index:
+            with torch.cuda.device(self._device_index):
+                hook.receive()
+        else:
+            hook.receive()
+        hook.handle = None
         self.check_status()  # after the receive, so an error leaves no hook half-consumed
 
     # -- status, masks, maintenance ---------------------------------------------------------------------
@@ -365,10 +436,10 @@ class Buffer:
     def check_status(self) -> None:
         """Raise the typed error a kernel reported since the last check (reads pinned host memory;
         no synchronisation, so an error surfaces at the first check after the kernel ran)."""
-        word = int(self._ctx.status[0])
+        word = int(self._status_host[0])
         if word == 0:
             return
-        self._ctx.status[0] = 0
+        self._status_host[0] = 0
         self._ctx.state[StateWord.STATUS].zero_()  # the device copy, in stream order after the reporting kernels
         code, rank, value = (word >> 56) & 0xFF, (word >> 32) & 0xFFFFFF, word & 0xFFFFFFFF
         value = value - (1 << 32) if value >= 1 << 31 else value
@@ -378,17 +449,18 @@ class Buffer:
         """Wait for this device's work, then :meth:`check_status`."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._in_flight.clear()
         self.check_status()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Exclude (``mask=True``) or re-admit a rank: nothing is sent to or awaited from a masked rank."""
-        if not 0 <= rank_to_mask < self.num_ranks:
-            raise ArgumentError(f"rank_to_mask must be in [0, {self.num_ranks}), got {rank_to_mask}")
+        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.num_ranks:
+            raise ArgumentError(f"rank_to_mask must be an int in [0, {self.num_ranks}), got {rank_to_mask!r}")
         self._ctx.rank_mask[rank_to_mask] = int(bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Copy the mask (int32 ``[num_ranks]``, 1 = masked) into ``mask_status``."""
-        check.tensor("mask_status", mask_status, dtypes=(torch.int32,), shape=(self.num_ranks,))
+        """Copy the mask (int32 ``[num_ranks]``, 1 = masked) into ``mask_status`` (any device)."""
+        check.tensor("mask_status", mask_status, dtypes=check.INT32, shape=(self.num_ranks,))
         mask_status.copy_(self._ctx.rank_mask)
 
     def low_latency_clean_mask_buffer(self) -> None:
@@ -420,14 +492,15 @@ class Buffer:
             torch.cuda.synchronize(self.device)
         self.transport.barrier()
 
+    @_on_own_device
     def exchange_words(self, words: torch.Tensor) -> torch.Tensor:
         """All-gather int64 ``[4]`` from every rank through peer memory (a device-side barrier):
         returns int64 ``[num_ranks, 4]``.  Every rank must call it; capturable."""
         if self.device.type != "cuda":
             raise UnavailableError("exchange_words runs a CUDA kernel; it needs a GPU")
-        words = check.tensor("words", words, dtypes=(torch.int64,), shape=(4,), device=self.device)
+        check.tensor("words", words, dtypes=check.INT64, shape=(4,), device=self.device)
         gathered = torch.empty(self.num_ranks, 4, dtype=torch.int64, device=self.device)
-        exchange.allgather_words(self._ctx, words, gathered)
+        self._engine.exchange(words, gathered)
         return gathered
 
     # -- DeepEP-compatible odds and ends ----------------------------------------------------------------
@@ -443,25 +516,24 @@ class Buffer:
     def get_comm_stream(self) -> torch.cuda.Stream | None:
         return self._comm_stream
 
-    def capture(self) -> EventOverlap:
+    @staticmethod
+    def capture() -> EventOverlap:
         """An event recorded on the current stream now (DeepEP's ``Buffer.capture``)."""
-        if self.device.type != "cuda":
+        if not torch.cuda.is_available():
             return EventOverlap()
         event = torch.cuda.Event()
         event.record()
         return EventOverlap(event)
 
     def memory_report(self) -> MemoryReport:
-        def size(tensors) -> int:
-            return sum(t.numel() * t.element_size() for t in tensors)
-
-        outputs = [t for o in self._outputs for t in dataclasses.astuple(o) if t is not None]
+        sets = self._output_pool.items if self.fresh_outputs else self._static
+        zero_copy = [o.zero_copy for o in sets if o.zero_copy is not None]
         return MemoryReport(
             symmetric_region=self.transport.region_bytes,
-            dispatch_outputs=size(outputs),
-            combine_outputs=size(self._combined),
-            zero_copy_buffers=size(self._zero_copy or []),
-            device_state=size([self._ctx.state, self._ctx.rank_mask]),
+            dispatch_outputs=sum(o.num_bytes for o in sets),
+            combine_outputs=sum(c.tensor.numel() * 2 for c in self._combine_pool.items),
+            zero_copy_buffers=sum(z.numel() * 2 for z in zero_copy),
+            device_state=sum(t.numel() * t.element_size() for t in (self._ctx.state, self._ctx.rank_mask)),
         )
 
     def destroy(self) -> None:

@@ -21,6 +21,11 @@ class ArgumentTypeError(LowLatError, TypeError):
     """An argument has the wrong type or dtype."""
 
 
+class StaleHandleError(LowLatError, ValueError):
+    """A dispatch handle was used after a later dispatch reused its static output slot (the native
+    Buffer keeps two; build it with ``fresh_outputs=True`` to hold results longer)."""
+
+
 class GraphCaptureError(LowLatError, RuntimeError):
     """Set-up work (compiling, allocating, rendezvous) was attempted while a CUDA graph is being
     captured.  Build the Buffer and call ``warmup()`` before capture."""

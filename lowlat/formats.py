@@ -31,7 +31,7 @@ from lowlat.errors import ArgumentError, ArgumentTypeError
 
 FP8_MAX = 448.0
 FP8_GROUP = 128
-FP8_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # the float32 nearest to 1e-4
+FP8_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32, device="cpu"))  # the float32 nearest to 1e-4
 UE8M0_PER_INT32 = 4
 
 LOGFMT_CODE_MAX = 511  # 9-bit codes; 0 is reserved for zero
@@ -43,7 +43,7 @@ _LOGFMT_UNIT_BYTES = 20
 _UNIT_FIELDS = [(9 * i, 9) for i in range(16)] + [(144 + i, 1) for i in range(16)]
 
 _F32 = torch.float32
-_INV_FP8_MAX = torch.tensor(1.0 / FP8_MAX, dtype=_F32)  # kernels multiply by this, never divide
+_INV_FP8_MAX = torch.tensor(1.0 / FP8_MAX, dtype=_F32, device="cpu")  # kernels multiply by this, never divide
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -121,7 +121,7 @@ def quantize_fp8(x: Tensor, *, round_scale: bool = False) -> FP8Tokens:
         scale = _f32_from_bits((127 - exponent) << 23)
     else:
         scale_inv = amax * _INV_FP8_MAX
-        scale = torch.tensor(FP8_MAX, dtype=_F32) / amax
+        scale = torch.tensor(FP8_MAX, dtype=_F32, device=amax.device) / amax
     # Clamp then round-to-nearest-even equals CUDA's __NV_SATFINITE conversion.
     scaled = (groups * scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     data = scaled.to(torch.float8_e4m3fn).flatten(-2)

@@ -131,7 +131,7 @@ def _route(topk_idxs: Sequence[Tensor], num_experts: int, max_tokens_per_rank: i
     expert, src_rank, src_token, src_topk = (v[order] for v in (expert, src_rank, src_token, src_topk))
     rows_per_expert = torch.bincount(expert, minlength=num_experts)
     first_row = torch.cumsum(rows_per_expert, 0) - rows_per_expert
-    row = torch.arange(len(expert)) - first_row[expert]
+    row = torch.arange(len(expert), dtype=torch.int64, device=expert.device) - first_row[expert]
     return _Routes(expert=expert, src_rank=src_rank, src_token=src_token, src_topk=src_topk, row=row)
 
 
@@ -171,7 +171,8 @@ def reference_dispatch(xs: Sequence[Tensor], topk_idxs: Sequence[Tensor], *, num
         payload_scales = torch.cat([q.scales for q in quantised])
     else:
         payload, payload_scales = torch.cat(list(xs)), None
-    first_token = torch.cumsum(torch.tensor([0] + [len(x) for x in xs[:-1]]), 0)
+    device = xs[0].device
+    first_token = torch.cumsum(torch.tensor([0] + [len(x) for x in xs[:-1]], dtype=torch.int64, device=device), 0)
     payload_row = first_token[routes.src_rank] + routes.src_token
     rows_per_expert = torch.bincount(routes.expert, minlength=num_experts).to(torch.int32)
 
@@ -181,15 +182,15 @@ def reference_dispatch(xs: Sequence[Tensor], topk_idxs: Sequence[Tensor], *, num
         mine = routes.expert // num_local_experts == rank
         local, row, src = routes.expert[mine] % num_local_experts, routes.row[mine], payload_row[mine]
 
-        recv_x = torch.zeros(num_local_experts, capacity, hidden, dtype=payload.dtype)
+        recv_x = torch.zeros(num_local_experts, capacity, hidden, dtype=payload.dtype, device=device)
         recv_x[local, row] = payload[src]
         recv_scales = None
         if payload_scales is not None:
-            recv_scales = torch.zeros(num_local_experts, capacity, hidden // FP8_GROUP)
+            recv_scales = torch.zeros(num_local_experts, capacity, hidden // FP8_GROUP, dtype=torch.float32, device=device)
             recv_scales[local, row] = payload_scales[src]
 
         src_rank, src_token, src_topk = (
-            torch.full((num_local_experts, capacity), -1, dtype=torch.int32).index_put_((local, row), v[mine].int())
+            torch.full((num_local_experts, capacity), -1, dtype=torch.int32, device=device).index_put_((local, row), v[mine].int())
             for v in (routes.src_rank, routes.src_token, routes.src_topk))
         results.append(ReferenceDispatch(
             recv_count=rows_per_expert[rank * num_local_experts:(rank + 1) * num_local_experts].clone(),
@@ -237,7 +238,7 @@ def reference_combine(expert_outputs: Sequence[Tensor], dispatches: Sequence[Ref
 
     # Where each received row came from: (local expert, row, src rank, src token, src slot) per rank.
     received = []
-    coverage = [torch.zeros(topk.shape, dtype=torch.int32) for topk in topk_idxs]
+    coverage = [torch.zeros(topk.shape, dtype=torch.int32, device=topk.device) for topk in topk_idxs]
     for rank, dispatch in enumerate(dispatches):
         local, row = (dispatch.src_rank >= 0).nonzero(as_tuple=True)
         src_rank, src_token, src_topk = (f[local, row].long() for f in
@@ -261,12 +262,12 @@ def reference_combine(expert_outputs: Sequence[Tensor], dispatches: Sequence[Ref
 
     combined = []
     for source, (topk, weights) in enumerate(zip(topk_idxs, topk_weights)):
-        values = torch.zeros(topk.shape[0], num_topk, hidden)  # float32 [n_s, K, hidden]
+        values = torch.zeros(topk.shape[0], num_topk, hidden, dtype=torch.float32, device=topk.device)  # [n_s, K, hidden]
         for rank, (local, row, src_rank, src_token, src_topk) in enumerate(received):
             sel = src_rank == source
             rows = expert_outputs[rank][local[sel], row[sel]]
             values[src_token[sel], src_topk[sel]] = logfmt_roundtrip(rows) if use_logfmt else rows.float()
-        acc = torch.zeros(topk.shape[0], hidden)
+        acc = torch.zeros(topk.shape[0], hidden, dtype=torch.float32, device=topk.device)
         for slot in range(num_topk):
             product = values[:, slot] * weights[:, slot, None]  # rounded to float32 before the add
             acc = torch.where(topk[:, slot, None] >= 0, acc + product, acc)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from .errors import ArgumentError, ArgumentTypeError
 
 TOPK_DTYPES = (torch.int64, torch.int32)
+BF16, FLOAT32, INT32, INT64 = (torch.bfloat16,), (torch.float32,), (torch.int32,), (torch.int64,)
 
 
-def tensor(name: str, value, *, dtypes: Iterable[torch.dtype], shape: tuple | None = None, ndim: int | None = None,
+def tensor(name: str, value, *, dtypes: tuple[torch.dtype, ...], shape: tuple | None = None, ndim: int | None = None,
            device: torch.device | None = None, contiguous: bool = True) -> torch.Tensor:
     """Check a tensor argument.  ``shape`` entries may be ``None`` for "any size"."""
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    dtypes = tuple(dtypes)
     if value.dtype not in dtypes:
         expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ArgumentTypeError(f"{name} must have dtype {expected}, got {str(value.dtype).replace('torch.', '')}")
@@ -42,6 +40,13 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
     return value
+
+
+def flags(**values) -> None:
+    """Every keyword must be a bool (``flags(use_fp8=..., async_finish=...)``)."""
+    for name, value in values.items():
+        if value is not True and value is not False:
+            raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
 
 
 def num_tokens_arg(value, num_rows: int, device: torch.device) -> tuple[int, torch.Tensor | None]:

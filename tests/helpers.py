@@ -26,19 +26,20 @@ def make_inputs(num_ranks, max_tokens, hidden, num_experts, num_topk, *, seed=0,
                 topk_dtype=torch.int64) -> list[RankInputs]:
     """Every rank's inputs from one seed.  Values are bf16 normals with a few large and tiny groups,
     so FP8 scales and LogFMT chunks vary; routings cover the adversarial cases."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cpu = dict(dtype=torch.float32, device="cpu")
     ranks = []
     for rank in range(num_ranks):
         n = max_tokens
         if routing == "zero_tokens_rank" and rank == num_ranks // 2:
             n = 0
         if routing == "partial":
-            n = int(torch.randint(0, max_tokens + 1, (1,), generator=g))
-        x = torch.randn(max_tokens, hidden, generator=g)
+            n = int(torch.randint(0, max_tokens + 1, (1,), generator=g, dtype=torch.int64, device="cpu"))
+        x = torch.randn(max_tokens, hidden, generator=g, **cpu)
         x[::2, :128] *= 20.0  # even tokens: a group of large values (their LogFMT chunk falls back to bf16)
         x[::3, 128:256] *= 1e-3  # tiny values: FP8 scales and the LogFMT grid vary per group
         x = (x * 0.1).to(torch.bfloat16)
-        scores = torch.rand(max_tokens, num_experts, generator=g)
+        scores = torch.rand(max_tokens, num_experts, generator=g, **cpu)
         topk = scores.topk(num_topk, dim=1).indices
         if routing == "one_expert":
             topk[:, 0] = num_experts - 1
@@ -46,9 +47,9 @@ def make_inputs(num_ranks, max_tokens, hidden, num_experts, num_topk, *, seed=0,
         elif routing == "all_minus_one":
             topk[:] = -1
         else:
-            drop = torch.rand(max_tokens, num_topk, generator=g) < 0.1
+            drop = torch.rand(max_tokens, num_topk, generator=g, **cpu) < 0.1
             topk = torch.where(drop, -1, topk)
-        weights = torch.rand(max_tokens, num_topk, generator=g)
+        weights = torch.rand(max_tokens, num_topk, generator=g, **cpu)
         ranks.append(RankInputs(x.to(device), topk.to(topk_dtype).to(device), weights.to(device), n))
     return ranks
 
@@ -200,7 +201,7 @@ def logfmt_tolerance(inputs, ys, refs, rank):
     bound = formats.logfmt_max_relative_error()
     inp = inputs[rank]
     n = inp.num_tokens
-    magnitude = torch.zeros(n, ys[0].shape[-1])
+    magnitude = torch.zeros(n, ys[0].shape[-1], dtype=torch.float32, device="cpu")
     ref = refs[rank]
     for owner, (y, owner_ref) in enumerate(zip(ys, refs)):
         y = torch.nan_to_num(y.cpu().float(), nan=0.0)

@@ -1,6 +1,7 @@
 """The run-time compiler without a GPU: NVRTC compiles for sm_90, the disk cache, header tracking,
 the ABI check between Python launchers and C++ kernels, and argument conversion."""
 
+import ctypes
 import multiprocessing
 import shutil
 
@@ -14,7 +15,10 @@ from lowlat.jit.compiler import included_headers, kernel_dir
 from lowlat.jit.registry import SHIPPED_SHAPES, shipped_specs
 from lowlat.layout import BufferShape, RegionLayout
 from lowlat.ops import exchange
-from lowlat.ops.context import KernelConfig
+from lowlat.jit.launch import LaunchPlan
+from lowlat.ops.context import _RANK_ARGS, KernelConfig, unpack_rank_args
+
+_RANK_ARGS_PACK = _RANK_ARGS.pack
 
 ARCH = "sm_90"
 
@@ -57,13 +61,13 @@ def test_header_change_invalidates_the_cache_entry(cache, tmp_path, monkeypatch)
 
 def test_included_headers_follow_includes_recursively():
     names = {p.name for p in included_headers(small_spec().source(), kernel_dir())}
-    assert {"abi.cuh", "exchange.cuh", "signal.cuh", "common.cuh", "state.cuh", "transport.cuh"} <= names
+    assert {"abi.cuh", "exchange.cuh", "signal.cuh", "common.cuh", "state.cuh", "transport.cuh", "rank.cuh"} <= names
 
 
 def test_abi_mismatch_between_launcher_and_kernel_is_a_compile_error(cache):
     spec = small_spec()
     wrong = list(spec.signature)
-    wrong[-1] = wrong[-1].__class__(wrong[-1].name, ArgKind.I32)  # timeout_ns declared 32-bit
+    wrong[-1] = wrong[-1].__class__(wrong[-1].name, ArgKind.PTR)  # the RankArgs struct declared as a pointer
     with pytest.raises(CompileError, match="declares the parameters"):
         Compiler(ARCH, use_disk_cache=False).compile(small_spec(signature=tuple(wrong)))
 
@@ -85,21 +89,51 @@ def test_concurrent_processes_share_the_cache_safely(cache):
     assert not list(cache.rglob(".*"))  # no temporary files left behind
 
 
+def _send_spec():
+    from lowlat.ops import dispatch
+    return dispatch.send_spec(KernelConfig(RegionLayout.of(BufferShape(2, 4, 2, 128, 3))), use_fp8=True, topk_int64=True)
+
+
+RANK = _RANK_ARGS_PACK(0x1000, 0x2000, 0x3000, 0x4000, 5_000_000_000, 1, 0)
+
+
 def test_argument_conversion_is_typed_and_checked(cache):
-    compiled = Compiler(ARCH).compile(small_spec())
-    kernel = Kernel(compiled)
-    words = torch.zeros(4, dtype=torch.int64)
-    args = kernel.convert_args((words, None, 1, 0x1000, 0x2000, 0x3000, 0x4000, 5_000_000_000))
-    assert args[0] == words.data_ptr() and args[1] == 0
-    assert isinstance(args[2], np.int32) and isinstance(args[7], np.int64)
-    with pytest.raises(ArgumentError, match="takes 8 arguments"):
-        kernel.convert_args((words,))
-    with pytest.raises(ArgumentError, match="rank=4294967296 does not fit int32"):
-        kernel.convert_args((words, None, 2**32, 0, 0, 0, 0, 0))
-    with pytest.raises(ArgumentTypeError, match="rank: expected an integer"):
-        kernel.convert_args((words, None, 1.5, 0, 0, 0, 0, 0))
-    with pytest.raises(ArgumentTypeError, match="words: expected a tensor"):
-        kernel.convert_args(("words", None, 1, 0, 0, 0, 0, 0))
+    kernel = Kernel(Compiler(ARCH).compile(_send_spec()))  # x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank
+    x = torch.zeros(4, dtype=torch.bfloat16, device="cpu")
+    args = kernel.convert_args((x, None, 0x10, 7, True, RANK))
+    assert args[0] == x.data_ptr() and args[1] == 0 and args[2] == 0x10
+    assert isinstance(args[3], np.int32) and args[4] == 1 and bytes(args[5]) == RANK
+    with pytest.raises(ArgumentError, match="takes 6 arguments"):
+        kernel.convert_args((x,))
+    with pytest.raises(ArgumentError, match="num_tokens_host=4294967296 does not fit int32"):
+        kernel.convert_args((x, None, None, 2**32, False, RANK))
+    with pytest.raises(ArgumentTypeError, match="num_tokens_host: expected an integer"):
+        kernel.convert_args((x, None, None, 1.5, False, RANK))
+    with pytest.raises(ArgumentTypeError, match="x: expected a tensor"):
+        kernel.convert_args(("x", None, None, 1, False, RANK))
+    with pytest.raises(ArgumentError, match="rank: expected 48 packed bytes"):
+        kernel.convert_args((x, None, None, 1, False, RANK[:40]))
+
+
+def test_launch_plan_packs_every_argument_and_patches_the_variable_ones(cache):
+    """A plan's host memory is what cuLaunchKernel reads: one pointer per parameter, each pointing at
+    the argument's bytes; per-call values land in their slots (checked here without a GPU)."""
+    kernel = Kernel(Compiler(ARCH).compile(_send_spec()))
+    x = torch.zeros(4, dtype=torch.bfloat16, device="cpu")
+    plan = LaunchPlan(kernel, None, 0, 132, 512, 0, kernel.convert_args((None, None, None, 0, False, RANK)),
+                      variable=[0, 3, 4])
+    assert [plan.argument(n) for n in ("x", "topk_idx", "num_tokens_host", "round_scale")] == [0, 0, 0, 0]
+    assert unpack_rank_args(plan.argument("rank")) == dict(peer_bases=0x1000, state=0x2000, mask=0x3000, status=0x4000,
+                                                           timeout_ns=5_000_000_000, id=1, reserved=0)
+    for (slot, convert), value in zip(plan._variable, (x, 128, True)):  # what launch() writes before cuLaunchKernel
+        slot[0] = convert(value)
+    assert plan.argument("x") == x.data_ptr() and plan.argument("num_tokens_host") == 128 and plan.argument("round_scale") == 1
+    pointers = np.frombuffer(ctypes.string_at(plan._params, 8 * 6), dtype=np.uint64)
+    assert int(pointers[3]) == plan._slots[3].ctypes.data and int(pointers[5]) == plan._slots[5].ctypes.data
+    assert ctypes.c_int32.from_address(int(pointers[3])).value == 128
+    assert ctypes.string_at(int(pointers[5]), 48) == RANK
+    with pytest.raises(ArgumentError, match="takes 3 per-call arguments"):
+        plan.launch_on(0, x)
 
 
 def test_every_shipped_kernel_family_is_in_the_registry():
@@ -113,7 +147,7 @@ def test_every_shipped_kernel_family_is_in_the_registry():
 def test_generated_source_declares_cfg_and_the_abi_check():
     source = small_spec().source()
     assert "struct Cfg {" in source and "static constexpr int kNumRanks = 2;" in source
-    assert 'lowlat::abi::matches<decltype(&lowlat::exchange_allgather<Cfg>)>("ppippppl")' in source
+    assert 'lowlat::abi::matches<decltype(&lowlat::exchange_allgather<Cfg>)>("ppR")' in source
 
 
 def test_check_cli_without_arguments_prints_usage(capsys):

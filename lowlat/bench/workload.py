@@ -42,11 +42,12 @@ class Workload:
         s = config.shape
         g = torch.Generator(device="cpu").manual_seed(seed)
         R, T, H, E, K = s.num_ranks, s.max_tokens_per_rank, s.hidden, s.num_experts, s.num_topk
-        x = (torch.randn(R, T, H, generator=g) * 0.1).to(torch.bfloat16)
-        scores = torch.rand(R, T, E, generator=g).abs() + 1
+        cpu = torch.device("cpu")
+        x = (torch.randn(R, T, H, generator=g, dtype=torch.float32, device=cpu) * 0.1).to(torch.bfloat16)
+        scores = torch.rand(R, T, E, generator=g, dtype=torch.float32, device=cpu).abs() + 1
         topk = scores.topk(K, dim=-1).indices
-        topk = torch.where(torch.rand(R, T, K, generator=g) < 0.01, -1, topk)
-        weights = torch.rand(R, T, K, generator=g)
+        topk = torch.where(torch.rand(R, T, K, generator=g, dtype=torch.float32, device=cpu) < 0.01, -1, topk)
+        weights = torch.rand(R, T, K, generator=g, dtype=torch.float32, device=cpu)
         return Workload(config, x.to(device), topk.to(device), weights.to(device))
 
     def valid_topk(self) -> torch.Tensor:
@@ -69,7 +70,7 @@ class Workload:
         wire = s.hidden + 4 * groups if c.use_fp8 else 2 * s.hidden
         combine_wire = s.hidden * 10 // 8 + 4 * groups if c.use_logfmt else 2 * s.hidden
         owner = torch.where(valid, topk // s.num_local_experts, -1)
-        source = torch.arange(s.num_ranks).view(-1, 1, 1)
+        source = torch.arange(s.num_ranks, dtype=torch.int64, device=topk.device).view(-1, 1, 1)
         remote = valid & (owner != source)
         distinct_remote_ranks = sum(
             int((owner[r, t][remote[r, t]].unique()).numel()) for r in range(s.num_ranks) for t in range(c.num_tokens))

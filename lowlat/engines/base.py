@@ -1,4 +1,7 @@
-"""The interface both engines implement (one instance per rank of a Buffer)."""
+"""The interface both engines implement (one instance per rank of a Buffer).
+
+Each method runs one half of a call.  ``stream`` is a raw ``cudaStream_t`` to launch on (None: the
+current stream); the CPU engine has no streams and ignores it."""
 
 from __future__ import annotations
 
@@ -16,15 +19,23 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def dispatch_send(self, x: torch.Tensor, topk_idx: torch.Tensor, num_tokens: int, num_tokens_device: torch.Tensor | None,
-                      *, use_fp8: bool, round_scale: bool) -> None: ...
+                      *, use_fp8: bool, round_scale: bool, stream: int | None = None) -> None: ...
 
     @abc.abstractmethod
     def dispatch_recv(self, out: DispatchOutputs, *, use_fp8: bool, use_ue8m0: bool,
-                      cumulative_recv_stats: torch.Tensor | None, wait_cost_stats: torch.Tensor | None) -> None: ...
+                      cumulative_recv_stats: torch.Tensor | None, wait_cost_stats: torch.Tensor | None,
+                      stream: int | None = None) -> None: ...
 
     @abc.abstractmethod
-    def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, *, use_logfmt: bool) -> None: ...
+    def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, *, use_logfmt: bool, stream: int | None = None) -> None: ...
+
+    def exchange(self, words: torch.Tensor, gathered: torch.Tensor, *, stream: int | None = None) -> None:
+        """All-gather of a few words through peer memory (kernels/exchange.cuh)."""
+        from ..errors import UnavailableError
+
+        raise UnavailableError(f"{type(self).__name__} has no exchange kernel; it needs a GPU")
 
     @abc.abstractmethod
     def combine_recv(self, out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int,
-                     num_tokens_device: torch.Tensor | None, *, use_logfmt: bool, wait_cost_stats: torch.Tensor | None) -> None: ...
+                     num_tokens_device: torch.Tensor | None, *, use_logfmt: bool, wait_cost_stats: torch.Tensor | None,
+                     stream: int | None = None) -> None: ...

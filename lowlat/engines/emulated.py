@@ -86,7 +86,7 @@ class EmulatedEngine(Engine):
     def _wait_sources(self, parity: int, field: int, expected: int, wait_cost_stats) -> torch.Tensor:
         """bool [R]: which sources' data is valid for this call (the kernels' wait_all_sources)."""
         flags = self._flags(self.ctx.rank, parity, field)
-        ok = torch.zeros(self.shape.num_ranks, dtype=torch.bool)
+        ok = torch.zeros(self.shape.num_ranks, dtype=torch.bool, device=flags.device)
         timeout_s = self.ctx.timeout_ns * 1e-9
         for src, masked in enumerate(self._masked()):
             if masked:
@@ -118,7 +118,7 @@ class EmulatedEngine(Engine):
 
     # -- dispatch -----------------------------------------------------------------------------------
 
-    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale):
+    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.DISPATCH_SEND_SEQ)
         if seq - self._seq(StateWord.DISPATCH_RECV_SEQ) >= 2:
@@ -150,7 +150,7 @@ class EmulatedEngine(Engine):
             local_expert, token_idx, k_idx = local_expert[order], token_idx[order], k_idx[order]
             counts = torch.bincount(local_expert, minlength=s.num_local_experts)
             starts = torch.cumsum(counts, 0) - counts
-            position = torch.arange(len(local_expert)) - starts[local_expert]
+            position = torch.arange(len(local_expert), dtype=torch.int64, device=x.device) - starts[local_expert]
             keep = position < s.max_tokens_per_rank
             if not bool(keep.all()):
                 self._report(StatusCode.ROUTE_OVERFLOW, me, int(local_expert[~keep][0]) + peer * s.num_local_experts)
@@ -160,7 +160,7 @@ class EmulatedEngine(Engine):
         self._signal_all(parity, self.layout.dispatch_flags, seq + 1)
         self.ctx.state[StateWord.DISPATCH_SEND_SEQ] = seq + 1
 
-    def dispatch_recv(self, out: DispatchOutputs, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats):
+    def dispatch_recv(self, out: DispatchOutputs, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.DISPATCH_RECV_SEQ)
         if seq >= self._seq(StateWord.DISPATCH_SEND_SEQ):
@@ -187,7 +187,7 @@ class EmulatedEngine(Engine):
                     continue
                 entries = routes[local_expert, src, :count].to(torch.int64)
                 tokens, ks = (entries >> 5).clamp_max(s.max_tokens_per_rank - 1), entries & 31
-                rows = torch.arange(begin, begin + count)
+                rows = torch.arange(begin, begin + count, dtype=torch.int64, device=out.recv_x.device)
                 message = messages[src, tokens]
                 recv_bytes[local_expert, rows] = message[:, :data_bytes]
                 out.recv_src_info[local_expert, rows] = tokens.to(torch.int32)
@@ -207,7 +207,7 @@ class EmulatedEngine(Engine):
 
     # -- combine ------------------------------------------------------------------------------------
 
-    def combine_send(self, x, layout: DispatchOutputs, *, use_logfmt):
+    def combine_send(self, x, layout: DispatchOutputs, *, use_logfmt, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.COMBINE_SEND_SEQ)
         if seq - self._seq(StateWord.COMBINE_RECV_SEQ) >= 2:
@@ -220,7 +220,7 @@ class EmulatedEngine(Engine):
                 begin, count = int(ranges[local_expert, src] >> 32), int(ranges[local_expert, src] & 0xFFFFFFFF)
                 if count == 0 or masked[src]:
                     continue
-                rows = torch.arange(begin, begin + count)
+                rows = torch.arange(begin, begin + count, dtype=torch.int64, device=x.device)
                 tokens = layout.recv_src_info[local_expert, rows].to(torch.int64)
                 ks = layout.recv_src_topk[local_expert, rows].to(torch.int64)
                 valid = (tokens >= 0) & (tokens < s.max_tokens_per_rank) & (ks >= 0) & (ks < s.num_topk)
@@ -230,14 +230,17 @@ class EmulatedEngine(Engine):
         self._signal_all(parity, self.layout.combine_flags, seq + 1)
         self.ctx.state[StateWord.COMBINE_SEND_SEQ] = seq + 1
 
-    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats):
+    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.COMBINE_RECV_SEQ)
         if seq >= self._seq(StateWord.COMBINE_SEND_SEQ):
             return self._report(StatusCode.RECV_WITHOUT_SEND, me, seq)
         parity = seq & 1
         ok = self._wait_sources(parity, self.layout.combine_flags, seq + 1, wait_cost_stats)
-        n = max(0, min(self._checked_num_tokens(num_tokens, num_tokens_device), out.shape[0]))
+        # Like the kernel: the device count is clamped to [0, min(rows of out, T)], never reported (the
+        # dispatch send already reported a bad one).
+        n = int(num_tokens_device.reshape(-1)[0]) if num_tokens_device is not None else num_tokens
+        n = max(0, min(n, out.shape[0], s.max_tokens_per_rank))
         slots = self._combine_slots(me, parity)[:n]
         if use_logfmt:
             values = formats.logfmt_decode(formats.logfmt_unpack(slots[..., : formats.logfmt_slot_bytes(s.hidden)].contiguous(), s.hidden))
@@ -246,7 +249,7 @@ class EmulatedEngine(Engine):
         topk = topk_idx[:n].to(torch.int64)
         in_range = (topk >= 0) & (topk < s.num_experts)
         valid = in_range & ok[torch.where(in_range, topk // s.num_local_experts, 0)]
-        acc = torch.zeros(n, s.hidden, dtype=torch.float32)
+        acc = torch.zeros(n, s.hidden, dtype=torch.float32, device=out.device)
         for k in range(s.num_topk):
             product = values[:, k] * topk_weights[:n, k: k + 1]
             acc = acc + torch.where(valid[:, k: k + 1], product, 0.0)

@@ -1,8 +1,16 @@
-"""The GPU engine: each half of a call is one kernel launch on the current stream."""
+"""The GPU engine: each half of a call is one launch of a prepared plan.
+
+Every plan (kernel, grid, packed RankArgs) is built in :meth:`KernelEngine.warmup`, at Buffer
+construction; a call only writes its tensor addresses into the plan and launches it.  ``stream`` is a
+raw ``cudaStream_t`` (None: PyTorch's current stream of the Buffer's device).
+"""
 
 from __future__ import annotations
 
-from ..jit import compile_all, get_kernel
+import torch
+
+from ..jit import compile_all
+from ..jit.launch import current_stream_handle
 from ..ops import combine, dispatch, exchange
 from ..ops.context import RankContext
 from .base import Engine
@@ -11,30 +19,44 @@ from .base import Engine
 class KernelEngine(Engine):
     def __init__(self, ctx: RankContext):
         self.ctx = ctx
+        self._ready = False
 
     def specs(self):
         config = self.ctx.config
         return [exchange.exchange_spec(config), *dispatch.all_specs(config), *combine.all_specs(config)]
 
     def warmup(self) -> None:
-        import torch
+        if self._ready:
+            return
+        compile_all(self.specs())
+        self._dispatch_send = dispatch.send_plans(self.ctx)
+        self._dispatch_recv = dispatch.recv_plans(self.ctx)
+        self._combine_send = combine.send_plans(self.ctx)
+        self._combine_recv = combine.recv_plans(self.ctx)
+        self._exchange = exchange.plan(self.ctx)
+        self._ready = True
 
-        specs = self.specs()
-        compile_all(specs)
-        device_index = torch.cuda.current_device()
-        for spec in specs:
-            get_kernel(spec).load(device_index)
+    def _stream(self, stream):
+        return current_stream_handle(self.ctx.device_index) if stream is None else stream
 
-    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale):
-        dispatch.launch_send(self.ctx, x, topk_idx, num_tokens_device, num_tokens, use_fp8=use_fp8, round_scale=round_scale)
+    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale, stream=None):
+        plan = self._dispatch_send[use_fp8, topk_idx.dtype is torch.int64]
+        plan.launch_on(self._stream(stream), x, topk_idx, num_tokens_device, num_tokens, round_scale)
 
-    def dispatch_recv(self, out, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats):
-        dispatch.launch_recv(self.ctx, out, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
-                             cumulative_recv_stats=cumulative_recv_stats, wait_cost_stats=wait_cost_stats)
+    def dispatch_recv(self, out, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
+        plan = self._dispatch_recv[use_fp8, use_ue8m0]
+        plan.launch_on(self._stream(stream), out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_src_topk,
+                       out.recv_layout_range, cumulative_recv_stats, wait_cost_stats)
 
-    def combine_send(self, x, layout, *, use_logfmt):
-        combine.launch_send(self.ctx, x, layout, use_logfmt=use_logfmt)
+    def combine_send(self, x, layout, *, use_logfmt, stream=None):
+        self._combine_send[use_logfmt].launch_on(self._stream(stream), x, layout.recv_count, layout.recv_src_info,
+                                                 layout.recv_src_topk, layout.recv_layout_range)
 
-    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats):
-        combine.launch_recv(self.ctx, out, topk_idx, topk_weights, num_tokens_device, num_tokens,
-                            use_logfmt=use_logfmt, wait_cost_stats=wait_cost_stats)
+    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats,
+                     stream=None):
+        plan = self._combine_recv[use_logfmt, topk_idx.dtype is torch.int64]
+        plan.launch_on(self._stream(stream), out, topk_idx, topk_weights, num_tokens_device, num_tokens, out.shape[0],
+                       wait_cost_stats)
+
+    def exchange(self, words, gathered, *, stream=None) -> None:
+        self._exchange.launch_on(self._stream(stream), words, gathered)

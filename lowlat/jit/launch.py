@@ -1,22 +1,25 @@
 """Loading compiled cubins and launching them on PyTorch's current stream.
 
-There is one launch path for every kernel in lowlat: :meth:`Kernel.launch`.  It converts each
-argument to the exact C type its :class:`~lowlat.jit.spec.Param` declares (tensors to their address,
-32-bit integers to ``numpy.int32``...), checks ranges, raises the dynamic shared-memory limit once
-when a kernel needs more than 48 KB, and calls ``cuda.core.launch`` on the current stream, so a
-``torch.cuda.graph`` capture records it like any other kernel.
+There is one launch path for every kernel in lowlat: a :class:`LaunchPlan`.  A plan is built once
+(at Buffer construction): it converts every argument to the exact C type its
+:class:`~lowlat.jit.spec.Param` declares, checks ranges, packs the values into one block of host
+memory with the ``void*[]`` array ``cuLaunchKernel`` reads, and raises the dynamic shared-memory limit
+when a kernel needs more than 48 KB.  A call then writes only the arguments that change (tensor
+addresses, a token count) into their slots and calls ``cuLaunchKernel`` on the raw current stream:
+a few microseconds of host time, and a ``torch.cuda.graph`` capture records it like any other
+kernel.  :meth:`Kernel.launch` is the one-off form (a plan built and launched at once).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ArgumentError, ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError, DeviceError
 from .compiler import CompiledCubin
-from .spec import ArgKind, Param
+from .spec import RANK_ARGS_BYTES, ArgKind, Param
 
 _INT_RANGES = {
     ArgKind.I32: (np.int32, -(2**31), 2**31 - 1),
@@ -24,11 +27,15 @@ _INT_RANGES = {
     ArgKind.I64: (np.int64, -(2**63), 2**63 - 1),
     ArgKind.U64: (np.uint64, 0, 2**64 - 1),
 }
+# numpy type of each argument's slot in a packed plan (RANK is a raw 48-byte struct, see ops/context.py)
+_SLOT_TYPES = {ArgKind.PTR: np.uint64, ArgKind.I32: np.int32, ArgKind.U32: np.uint32, ArgKind.I64: np.int64,
+               ArgKind.U64: np.uint64, ArgKind.F32: np.float32, ArgKind.BOOL: np.uint8, ArgKind.RANK: np.uint8}
+_SLOT_BYTES = 16  # every argument starts on a 16-byte boundary (RANK takes three slots)
 _STATIC_SMEM_LIMIT = 48 * 1024
 _thread_state = threading.local()
 
 
-def _ensure_context(device_index: int) -> None:
+def ensure_context(device_index: int) -> None:
     """Make the device's primary context (the one PyTorch uses) current on this thread."""
     if getattr(_thread_state, "device", None) != device_index:
         from cuda.core import Device
@@ -37,20 +44,40 @@ def _ensure_context(device_index: int) -> None:
         _thread_state.device = device_index
 
 
+def current_stream_handle(device_index: int) -> int:
+    """The raw ``cudaStream_t`` PyTorch considers current on ``device_index`` (capture streams too)."""
+    import torch
+
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def address(value: Any) -> int:
+    """A pointer argument: a tensor's address, an int address, or None (null)."""
+    if value is None:
+        return 0
+    if hasattr(value, "data_ptr"):
+        return value.data_ptr()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise ArgumentTypeError(f"expected a tensor, an address or None, got {type(value).__name__}")
+
+
 def _convert(param: Param, value: Any):
     kind = param.kind
     if kind is ArgKind.PTR:
-        if value is None:
-            return 0
-        if hasattr(value, "data_ptr"):
-            return value.data_ptr()
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return int(value)
-        raise ArgumentTypeError(f"kernel argument {param.name}: expected a tensor, an address or None, got {type(value).__name__}")
+        try:
+            return address(value)
+        except ArgumentTypeError as exc:
+            raise ArgumentTypeError(f"kernel argument {param.name}: {exc}") from None
     if kind is ArgKind.F32:
         return np.float32(value)
     if kind is ArgKind.BOOL:
-        return np.bool_(bool(value))
+        return np.uint8(bool(value))
+    if kind is ArgKind.RANK:
+        raw = bytes(value)
+        if len(raw) != RANK_ARGS_BYTES:
+            raise ArgumentError(f"kernel argument {param.name}: expected {RANK_ARGS_BYTES} packed bytes, got {len(raw)}")
+        return np.frombuffer(raw, dtype=np.uint8)
     ctype, low, high = _INT_RANGES[kind]
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise ArgumentTypeError(f"kernel argument {param.name}: expected an integer, got {value!r}")
@@ -59,13 +86,28 @@ def _convert(param: Param, value: Any):
     return ctype(value)
 
 
+def _fast_converter(kind: ArgKind) -> Callable[[Any], Any]:
+    """Per-call conversion of a changing argument: addresses and plain ints, no range re-check
+    (the Buffer validated the values before any launch)."""
+    if kind is ArgKind.PTR:
+        return lambda value: 0 if value is None else value.data_ptr() if hasattr(value, "data_ptr") else int(value)
+    if kind is ArgKind.BOOL:
+        return lambda value: 1 if value else 0
+    if kind is ArgKind.F32:
+        return float
+    if kind is ArgKind.RANK:
+        raise ArgumentError("the RankArgs struct is fixed per plan; it cannot be a per-call argument")
+    return int
+
+
 class Kernel:
-    """A loaded kernel specialisation, launchable on the current stream."""
+    """A loaded kernel specialisation."""
 
     def __init__(self, compiled: CompiledCubin):
         self.compiled = compiled
         self.signature = compiled.spec.signature
-        self._kernels: dict[int, Any] = {}  # per device ordinal
+        self._index = {p.name: i for i, p in enumerate(self.signature)}
+        self._kernel = None
         self._smem_set: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -74,20 +116,25 @@ class Kernel:
         return self.compiled.spec.display_name
 
     def load(self, device_index: int):
-        """Load the cubin on a device (module loading is set-up: do it before graph capture)."""
-        kernel = self._kernels.get(device_index)
-        if kernel is None:
-            from cuda.bindings import driver
-            from cuda.core import ObjectCode
+        """Load the cubin and resolve the kernel on a device (set-up: do it before graph capture).
 
-            _ensure_context(device_index)
-            expr = self.compiled.spec.name_expression
-            obj = ObjectCode.from_cubin(self.compiled.cubin, symbol_mapping={expr: self.compiled.mangled_name.encode()})
-            kernel = obj.get_kernel(expr)
-            # Resolve the per-context function now, so no lazy module load happens inside a capture.
-            driver.cuKernelGetFunction(kernel.handle)
-            with self._lock:
-                kernel = self._kernels.setdefault(device_index, kernel)
+        Returns the context-independent ``CUkernel``; ``cuLaunchKernel`` picks the function of the
+        current context from it."""
+        from cuda.bindings import driver
+
+        ensure_context(device_index)
+        with self._lock:
+            if self._kernel is None:
+                from cuda.core import ObjectCode
+
+                expr = self.compiled.spec.name_expression
+                obj = ObjectCode.from_cubin(self.compiled.cubin, symbol_mapping={expr: self.compiled.mangled_name.encode()})
+                self._object, self._kernel = obj, obj.get_kernel(expr)
+            kernel = self._kernel
+        # Resolve the per-context function now, so no lazy module load happens inside a capture.
+        err, _ = driver.cuKernelGetFunction(kernel.handle)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"{self.name}: cannot load on device {device_index} ({err})")
         return kernel
 
     def _ensure_smem(self, kernel, device_index: int, shmem: int) -> None:
@@ -102,36 +149,92 @@ class Kernel:
         self._smem_set[device_index] = shmem
 
     def convert_args(self, args: Sequence[Any]) -> tuple:
+        """Every argument converted and range-checked for its declared C type."""
         if len(args) != len(self.signature):
             names = ", ".join(p.name for p in self.signature)
             raise ArgumentError(f"{self.name} takes {len(self.signature)} arguments ({names}), got {len(args)}")
         return tuple(_convert(param, value) for param, value in zip(self.signature, args))
 
-    def launch(self, grid: int | tuple, block: int | tuple, args: Sequence[Any], *, shmem: int = 0, stream=None) -> None:
-        """Launch on ``stream`` (default: PyTorch's current stream) with typed ``args``."""
-        import torch
-        from cuda.core import LaunchConfig, launch
-
-        device_index = torch.cuda.current_device()
+    def plan(self, device_index: int, grid: int | tuple, block: int | tuple, args: Sequence[Any], *, shmem: int = 0,
+             variable: Sequence[str] = ()) -> "LaunchPlan":
+        """A launch of this kernel with ``args`` packed now; the parameters named in ``variable`` are
+        the ones :meth:`LaunchPlan.launch` takes per call, in that order."""
         kernel = self.load(device_index)
-        _ensure_context(device_index)
         self._ensure_smem(kernel, device_index, shmem)
-        stream = torch.cuda.current_stream() if stream is None else stream
-        config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
-        launch(_StreamRef.of(stream), config, kernel, *self.convert_args(args))
+        unknown = [name for name in variable if name not in self._index]
+        if unknown:
+            raise ArgumentError(f"{self.name} has no parameter {unknown[0]!r}")
+        return LaunchPlan(self, kernel.handle, device_index, grid, block, shmem, self.convert_args(args),
+                          [self._index[name] for name in variable])
+
+    def launch(self, grid: int | tuple, block: int | tuple, args: Sequence[Any], *, shmem: int = 0, device_index: int | None = None) -> None:
+        """One-off launch on the current stream of ``device_index`` (default: the current device)."""
+        import torch
+
+        index = torch.cuda.current_device() if device_index is None else device_index
+        self.plan(index, grid, block, args, shmem=shmem).launch()
 
 
-class _StreamRef:
-    """cuda.core ``Stream`` wrapping a torch stream's handle, cached per handle (no ownership)."""
+def _dims(value) -> tuple[int, int, int]:
+    dims = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
 
-    _cache: dict[int, object] = {}
 
-    @classmethod
-    def of(cls, stream):
-        handle = int(stream.cuda_stream)
-        ref = cls._cache.get(handle)
-        if ref is None:
-            from cuda.core import Stream
+class LaunchPlan:
+    """One kernel launch with its arguments packed in host memory, ready for ``cuLaunchKernel``.
 
-            ref = cls._cache.setdefault(handle, Stream.from_handle(handle))
-        return ref
+    ``launch(*values)`` writes the per-call arguments (declared at planning) into their slots and
+    launches on PyTorch's current stream of the plan's device.  The driver copies the arguments at
+    launch time, so the slots may change again right after.  Not thread-safe: one plan per caller.
+    """
+
+    def __init__(self, kernel: Kernel, function, device_index: int, grid, block, shmem: int, converted: tuple,
+                 variable: Sequence[int]):
+        from cuda.bindings import driver
+
+        self.kernel = kernel
+        self.device_index = device_index
+        self._function = function
+        self._grid, self._block, self._shmem = _dims(grid), _dims(block), int(shmem)
+        offsets, cursor = [], 0
+        for param in kernel.signature:
+            offsets.append(cursor)
+            size = RANK_ARGS_BYTES if param.kind is ArgKind.RANK else 8
+            cursor += -(-size // _SLOT_BYTES) * _SLOT_BYTES
+        self._storage = np.zeros(max(cursor, _SLOT_BYTES), dtype=np.uint8)
+        base = self._storage.ctypes.data
+        self._pointers = np.array([base + offset for offset in offsets], dtype=np.uint64)
+        self._params = int(self._pointers.ctypes.data) if offsets else 0
+        # One typed view per argument slot; element 0 is the argument.
+        self._slots = []
+        for param, offset in zip(kernel.signature, offsets):
+            dtype = _SLOT_TYPES[param.kind]
+            count = RANK_ARGS_BYTES if param.kind is ArgKind.RANK else 1
+            self._slots.append(self._storage[offset: offset + count * np.dtype(dtype).itemsize].view(dtype))
+        for slot, value in zip(self._slots, converted):
+            slot[:] = value
+        self._variable = [(self._slots[i], _fast_converter(kernel.signature[i].kind)) for i in variable]
+        self._launch_kernel = driver.cuLaunchKernel
+        self._success = driver.CUresult.CUDA_SUCCESS
+
+    def launch(self, *values) -> None:
+        """Launch on PyTorch's current stream of the plan's device with the per-call ``values``."""
+        self.launch_on(current_stream_handle(self.device_index), *values)
+
+    def launch_on(self, stream: int, *values) -> None:
+        """Launch on the raw stream handle ``stream`` with the per-call ``values`` (in the order planned)."""
+        if len(values) != len(self._variable):
+            raise ArgumentError(f"{self.kernel.name}: this plan takes {len(self._variable)} per-call arguments, got {len(values)}")
+        for (slot, convert), value in zip(self._variable, values):
+            slot[0] = convert(value)
+        ensure_context(self.device_index)
+        (gx, gy, gz), (bx, by, bz) = self._grid, self._block
+        (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
+        if err != self._success:
+            raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err})")
+
+    def argument(self, name: str):
+        """The packed value of argument ``name`` (for tests and debugging)."""
+        index = self.kernel._index[name]
+        slot = self._slots[index]
+        return bytes(slot) if self.kernel.signature[index].kind is ArgKind.RANK else slot[0].item()

@@ -16,6 +16,7 @@ import re
 from typing import Mapping, Sequence, Union
 
 Constant = Union[bool, int, float]
+RANK_ARGS_BYTES = 48  # sizeof(lowlat::RankArgs), kernels/rank.cuh
 _HIDDEN_CONSTANT = re.compile(r"^kOff|Bytes$|Stride$|^kNumLocalExperts$|^kNumWords$|^kNumWarps$")
 
 
@@ -29,6 +30,7 @@ class ArgKind(enum.Enum):
     U64 = "L"
     F32 = "f"
     BOOL = "b"
+    RANK = "R"  # the RankArgs struct by value: pass its packed bytes (lowlat.ops.context.RankContext.packed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..jit import ArgKind, KernelSpec, Param
-from .context import RANK_PARAMS, TIMEOUT_PARAM, KernelConfig, RankContext
-from .dispatch import DispatchOutputs
+from ..jit.launch import LaunchPlan
+from .context import RANK_PARAM, KernelConfig, RankContext
 
 SEND_SIGNATURE = (
     Param("x", ArgKind.PTR),
@@ -14,7 +12,7 @@ SEND_SIGNATURE = (
     Param("recv_src_info", ArgKind.PTR),
     Param("recv_src_topk", ArgKind.PTR),
     Param("recv_layout_range", ArgKind.PTR),
-    *RANK_PARAMS,
+    RANK_PARAM,
 )
 RECV_SIGNATURE = (
     Param("out", ArgKind.PTR),
@@ -24,9 +22,11 @@ RECV_SIGNATURE = (
     Param("num_tokens_host", ArgKind.I32),
     Param("num_out_rows", ArgKind.I32),
     Param("wait_cost_stats", ArgKind.PTR),
-    *RANK_PARAMS,
-    TIMEOUT_PARAM,
+    RANK_PARAM,
 )
+SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
+RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
+RECV_VARIANTS = [(use_logfmt, topk_int64) for use_logfmt in (False, True) for topk_int64 in (True, False)]
 
 
 def send_spec(config: KernelConfig, *, use_logfmt: bool) -> KernelSpec:
@@ -39,18 +39,17 @@ def recv_spec(config: KernelConfig, *, use_logfmt: bool, topk_int64: bool) -> Ke
 
 def all_specs(config: KernelConfig) -> list[KernelSpec]:
     return [send_spec(config, use_logfmt=f) for f in (False, True)] + [
-        recv_spec(config, use_logfmt=f, topk_int64=i) for f in (False, True) for i in (True, False)
-    ]
+        recv_spec(config, use_logfmt=f, topk_int64=i) for f, i in RECV_VARIANTS]
 
 
-def launch_send(ctx: RankContext, x: torch.Tensor, layout: DispatchOutputs, *, use_logfmt: bool) -> None:
-    args = (x, layout.recv_count, layout.recv_src_info, layout.recv_src_topk, layout.recv_layout_range, *ctx.rank_args())
-    ctx.launch(send_spec(ctx.config, use_logfmt=use_logfmt), args)
+def send_plans(ctx: RankContext) -> dict[bool, LaunchPlan]:
+    """Plans keyed by use_logfmt; launch(x, recv_count, recv_src_info, recv_src_topk, recv_layout_range)."""
+    return {f: ctx.plan(send_spec(ctx.config, use_logfmt=f), (None,) * len(SEND_ARGS), variable=SEND_ARGS) for f in (False, True)}
 
 
-def launch_recv(ctx: RankContext, out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host: int, *,
-                use_logfmt: bool, wait_cost_stats=None) -> None:
-    spec = recv_spec(ctx.config, use_logfmt=use_logfmt, topk_int64=topk_idx.dtype == torch.int64)
-    args = (out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host, out.shape[0], wait_cost_stats,
-            *ctx.rank_args(), ctx.timeout_ns)
-    ctx.launch(spec, args)
+def recv_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
+    """Plans keyed by (use_logfmt, topk_int64); launch(out, topk_idx, topk_weights, num_tokens_ptr,
+    num_tokens_host, num_out_rows, wait_cost_stats)."""
+    return {(f, i): ctx.plan(recv_spec(ctx.config, use_logfmt=f, topk_int64=i), (None, None, None, None, 0, 0, None),
+                             variable=RECV_ARGS)
+            for f, i in RECV_VARIANTS}

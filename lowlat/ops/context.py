@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
+from typing import Sequence
 
 import torch
 
 from ..jit import ArgKind, KernelSpec, Param, get_kernel
+from ..jit.launch import LaunchPlan
+from ..jit.spec import RANK_ARGS_BYTES
 from ..layout import RegionLayout
 
-# Parameters that end every kernel's signature, in this order.
-RANK_PARAMS = (
-    Param("rank", ArgKind.I32),
-    Param("peer_bases", ArgKind.PTR),
-    Param("state", ArgKind.PTR),
-    Param("rank_mask", ArgKind.PTR),
-    Param("status", ArgKind.PTR),
-)
-TIMEOUT_PARAM = Param("timeout_ns", ArgKind.I64)
+# The parameter that ends every kernel's signature: the RankArgs struct of kernels/rank.cuh, by value.
+RANK_PARAM = Param("rank", ArgKind.RANK)
+# Its byte layout: peer_bases, state, mask, status (pointers), timeout_ns (int64), id, reserved (int32).
+_RANK_ARGS = struct.Struct("<QQQQqii")
+assert _RANK_ARGS.size == RANK_ARGS_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RankContext:
     ``state`` int64 [16] (device): call sequence numbers and block counters (see layout.StateWord);
     ``rank_mask`` int32 [R] (device): 1 for ranks excluded after a timeout;
     ``status`` int64 [1] (pinned host memory, written by kernels): first error, 0 when none.
+    ``packed`` is the RankArgs struct every kernel takes, packed once from these.
     """
 
     config: KernelConfig
@@ -50,13 +51,30 @@ class RankContext:
     status: torch.Tensor
     timeout_ns: int
     num_blocks: int
+    packed: bytes = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        packed = _RANK_ARGS.pack(self.peer_bases.data_ptr(), self.state.data_ptr(), self.rank_mask.data_ptr(),
+                                 self.status.data_ptr(), self.timeout_ns, self.rank, 0)
+        object.__setattr__(self, "packed", packed)
 
     @property
     def layout(self) -> RegionLayout:
         return self.config.layout
 
-    def rank_args(self) -> tuple:
-        return (self.rank, self.peer_bases, self.state, self.rank_mask, self.status)
+    @property
+    def device_index(self) -> int:
+        return self.state.device.index
 
-    def launch(self, spec: KernelSpec, args: tuple, *, grid: int | None = None, block: int | None = None) -> None:
-        get_kernel(spec).launch(grid or self.num_blocks, block or self.config.num_warps * 32, args)
+    def plan(self, spec: KernelSpec, args: tuple, *, variable: Sequence[str], grid: int | None = None,
+             block: int | None = None) -> LaunchPlan:
+        """A launch plan of ``spec`` for this rank: ``args`` without the trailing RankArgs, which is
+        appended here; ``variable`` names the parameters each launch passes."""
+        return get_kernel(spec).plan(self.device_index, grid or self.num_blocks, block or self.config.num_warps * 32,
+                                     (*args, self.packed), variable=variable)
+
+
+def unpack_rank_args(packed: bytes) -> dict:
+    """The fields of a packed RankArgs (for tests)."""
+    names = ("peer_bases", "state", "mask", "status", "timeout_ns", "id", "reserved")
+    return dict(zip(names, _RANK_ARGS.unpack(packed)))

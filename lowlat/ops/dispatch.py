@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from ..jit import ArgKind, KernelSpec, Param
-from .context import RANK_PARAMS, TIMEOUT_PARAM, KernelConfig, RankContext
+from ..jit.launch import LaunchPlan
+from .context import RANK_PARAM, KernelConfig, RankContext
 
 SEND_SIGNATURE = (
     Param("x", ArgKind.PTR),
@@ -15,7 +16,7 @@ SEND_SIGNATURE = (
     Param("num_tokens_ptr", ArgKind.PTR),
     Param("num_tokens_host", ArgKind.I32),
     Param("round_scale", ArgKind.BOOL),
-    *RANK_PARAMS,
+    RANK_PARAM,
 )
 RECV_SIGNATURE = (
     Param("recv_x", ArgKind.PTR),
@@ -26,9 +27,11 @@ RECV_SIGNATURE = (
     Param("recv_layout_range", ArgKind.PTR),
     Param("cumulative_recv_stats", ArgKind.PTR),
     Param("wait_cost_stats", ArgKind.PTR),
-    *RANK_PARAMS,
-    TIMEOUT_PARAM,
+    RANK_PARAM,
 )
+# Per-call arguments, in the order LaunchPlan.launch takes them: everything but the RankArgs.
+SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
+RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
 
 
 def send_spec(config: KernelConfig, *, use_fp8: bool, topk_int64: bool) -> KernelSpec:
@@ -39,37 +42,60 @@ def recv_spec(config: KernelConfig, *, use_fp8: bool, use_ue8m0: bool) -> Kernel
     return config.spec("dispatch.cuh", "lowlat::dispatch_recv", RECV_SIGNATURE, kUseFP8=use_fp8, kUseUE8M0=use_ue8m0)
 
 
+SEND_VARIANTS = [(use_fp8, topk_int64) for use_fp8 in (True, False) for topk_int64 in (True, False)]
+RECV_VARIANTS = [(True, False), (True, True), (False, False)]  # (use_fp8, use_ue8m0)
+
+
 def all_specs(config: KernelConfig) -> list[KernelSpec]:
-    sends = [send_spec(config, use_fp8=f, topk_int64=i) for f in (True, False) for i in (True, False)]
-    recvs = [recv_spec(config, use_fp8=f, use_ue8m0=u) for f, u in ((True, False), (True, True), (False, False))]
-    return sends + recvs
+    return ([send_spec(config, use_fp8=f, topk_int64=i) for f, i in SEND_VARIANTS]
+            + [recv_spec(config, use_fp8=f, use_ue8m0=u) for f, u in RECV_VARIANTS])
+
+
+def send_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
+    """Plans keyed by (use_fp8, topk_int64); launch(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale)."""
+    return {(f, i): ctx.plan(send_spec(ctx.config, use_fp8=f, topk_int64=i), (None, None, None, 0, False), variable=SEND_ARGS)
+            for f, i in SEND_VARIANTS}
+
+
+def recv_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
+    """Plans keyed by (use_fp8, use_ue8m0); launch(recv_x, recv_scales, recv_count, recv_src_info,
+    recv_src_topk, recv_layout_range, cumulative_recv_stats, wait_cost_stats)."""
+    return {(f, u): ctx.plan(recv_spec(ctx.config, use_fp8=f, use_ue8m0=u), (None,) * len(RECV_ARGS), variable=RECV_ARGS)
+            for f, u in RECV_VARIANTS}
 
 
 @dataclasses.dataclass(frozen=True)
 class DispatchOutputs:
     """Where dispatch_recv writes (shapes for R ranks, L local experts, T tokens, hidden H):
 
-    ``recv_x`` [L, R*T, H] fp8 or bf16; ``recv_scales`` fp32 [L, H/128, S] or int32 [L, ceil(H/512), S]
-    storage with S = R*T rounded up to 4 (None for bf16); ``recv_count`` int32 [L];
-    ``recv_src_info`` / ``recv_src_topk`` int32 [L, R*T]; ``recv_layout_range`` int64 [L, R].
+    ``recv_x`` uint8 [L, R*T, 2H] storage for fp8 or bf16 rows; ``recv_scales`` fp32 [L, H/128, S]
+    storage (int32 [L, ceil(H/512), S] in its front for UE8M0) with S = R*T rounded up to 4;
+    ``recv_count`` int32 [L]; ``recv_src_info`` / ``recv_src_topk`` int32 [L, R*T];
+    ``recv_layout_range`` int64 [L, R].
     """
 
     recv_x: torch.Tensor
-    recv_scales: torch.Tensor | None
+    recv_scales: torch.Tensor
     recv_count: torch.Tensor
     recv_src_info: torch.Tensor
     recv_src_topk: torch.Tensor
     recv_layout_range: torch.Tensor
 
+    @staticmethod
+    def allocate(shape, device: torch.device) -> "DispatchOutputs":
+        s = shape
+        return DispatchOutputs(
+            recv_x=torch.empty(s.num_local_experts, s.rows_per_expert, 2 * s.hidden, dtype=torch.uint8, device=device),
+            recv_scales=torch.empty(s.num_local_experts, s.num_groups, s.scale_row_stride, dtype=torch.float32, device=device),
+            recv_count=torch.zeros(s.num_local_experts, dtype=torch.int32, device=device),
+            recv_src_info=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
+            recv_src_topk=torch.empty(s.num_local_experts, s.rows_per_expert, dtype=torch.int32, device=device),
+            recv_layout_range=torch.zeros(s.num_local_experts, s.num_ranks, dtype=torch.int64, device=device),
+        )
 
-def launch_send(ctx: RankContext, x, topk_idx, num_tokens_ptr, num_tokens_host: int, *, use_fp8: bool, round_scale: bool) -> None:
-    spec = send_spec(ctx.config, use_fp8=use_fp8, topk_int64=topk_idx.dtype == torch.int64)
-    ctx.launch(spec, (x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, *ctx.rank_args()))
+    def pointers(self) -> tuple:
+        return tuple(dataclasses.astuple(self))
 
-
-def launch_recv(ctx: RankContext, out: DispatchOutputs, *, use_fp8: bool, use_ue8m0: bool,
-                cumulative_recv_stats=None, wait_cost_stats=None) -> None:
-    spec = recv_spec(ctx.config, use_fp8=use_fp8, use_ue8m0=use_ue8m0)
-    args = (out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_src_topk, out.recv_layout_range,
-            cumulative_recv_stats, wait_cost_stats, *ctx.rank_args(), ctx.timeout_ns)
-    ctx.launch(spec, args)
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in dataclasses.astuple(self))

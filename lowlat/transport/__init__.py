@@ -4,7 +4,7 @@
 through CUDA IPC handles (``IpcTransport``).  Kernels only ever see the peer addresses.
 """
 
-from .base import Transport
+from .base import SubTransport, Transport
 from .local import LocalTransport, LocalWorld
 
-__all__ = ["LocalTransport", "LocalWorld", "Transport"]
+__all__ = ["LocalTransport", "LocalWorld", "SubTransport", "Transport"]

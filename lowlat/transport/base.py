@@ -18,6 +18,7 @@ class Transport(abc.ABC):
     """
 
     kind: str = "abstract"
+    colocated: bool = False  # True when every rank runs on this one device (virtual ranks)
     rank: int
     num_ranks: int
     region: torch.Tensor
@@ -38,5 +39,39 @@ class Transport(abc.ABC):
     def close(self) -> None:
         """Release peer mappings and the region.  Idempotent."""
 
+    def sub(self, offset: int, num_bytes: int) -> "SubTransport":
+        """The same ranks over bytes ``[offset, offset + num_bytes)`` of every rank's region.
+
+        Carving is local (no rendezvous): every rank must carve the same ranges in the same order,
+        as it builds the same Buffers.  This is how one transport region hosts several Buffers."""
+        return SubTransport(self, offset, num_bytes)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, num_ranks={self.num_ranks}, region_bytes={self.region_bytes})"
+
+
+class SubTransport(Transport):
+    """A byte range of a parent transport's regions, on every rank (see :meth:`Transport.sub`)."""
+
+    def __init__(self, parent: Transport, offset: int, num_bytes: int):
+        from ..errors import ArgumentError
+
+        if offset < 0 or num_bytes <= 0 or offset + num_bytes > parent.region_bytes or offset % 128:
+            raise ArgumentError(f"cannot carve bytes [{offset}, {offset + num_bytes}) from a {parent.region_bytes}-byte region "
+                                "(offsets are multiples of 128)")
+        self.parent, self.offset = parent, offset
+        self.kind, self.colocated = parent.kind, parent.colocated
+        self.rank, self.num_ranks = parent.rank, parent.num_ranks
+        self.region = parent.region[offset: offset + num_bytes]
+        self.peer_bases = parent.peer_bases + offset
+        self.stream = getattr(parent, "stream", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def peer_region(self, rank: int) -> torch.Tensor:
+        return self.parent.peer_region(rank)[self.offset: self.offset + self.region_bytes]
+
+    def barrier(self) -> None:
+        self.parent.barrier()

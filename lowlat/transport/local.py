@@ -47,6 +47,7 @@ class LocalWorld:
 
 class LocalTransport(Transport):
     kind = "local"
+    colocated = True
 
     def __init__(self, world: LocalWorld, rank: int):
         self.world = world

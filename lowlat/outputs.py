@@ -1,0 +1,169 @@
+"""Who owns the tensors a call returns.
+
+* **Static** (the native ``Buffer``'s default, built for CUDA graphs): two dispatch output sets,
+  used alternately, allocated at construction.  A set is reused by the next-but-one dispatch; the
+  handle carries the generation of its set, and using it after that reuse raises
+  :class:`~lowlat.errors.StaleHandleError`.  The tensors ``low_latency_dispatch`` returned are
+  overwritten then too: that is the stated rule of the static mode.
+* **Fresh** (``Buffer(..., fresh_outputs=True)``, what the DeepEP facade uses): every call returns
+  tensors that no earlier call's results alias, as DeepEP does.  Eagerly they come from a pool of
+  sets; a set is reused only once nothing refers to it any more: no tensor on its storage (the
+  returned views, anything derived from them) and no live handle.  Under graph capture they are
+  allocated from the graph's memory pool, like any tensor a captured function creates.
+
+Combine outputs are always fresh (or the caller's ``out=``), so two combines never alias.
+Reusing storage follows the caching allocator's rule: it is safe in the order of the stream that
+reuses it; work left on another stream by an ``async_finish`` call is waited for first.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .layout import BufferShape, align
+from .ops.dispatch import DispatchOutputs
+
+_use_count = torch._C._storage_Use_Count
+
+
+def capturing_now() -> bool:
+    """Whether the current CUDA stream is capturing a graph (cheap; False without CUDA)."""
+    return torch.cuda.is_available() and torch._C._cuda_isCurrentStreamCapturing()
+
+
+class _Reusable:
+    """Something a pool hands out again once nothing else refers to its storage."""
+
+    __slots__ = ("_owner", "_cdata", "_baseline", "pending_event", "__weakref__")
+
+    def _seal(self, storage_owner: torch.Tensor) -> None:
+        # Every tensor this object itself keeps on the storage exists now: remember the count.
+        self._owner = storage_owner
+        self._cdata = storage_owner.untyped_storage()._cdata
+        self._baseline = _use_count(self._cdata)
+        self.pending_event = None  # work on another stream that must finish before reuse
+
+    def busy(self) -> bool:
+        return _use_count(self._cdata) != self._baseline
+
+    def claim(self, device: torch.device) -> None:
+        """Order the caller's stream after work an async call left on another stream."""
+        event, self.pending_event = self.pending_event, None
+        if event is not None and not event.query():
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+class OutputSet(_Reusable):
+    """One set of dispatch outputs, carved from a single allocation, plus the views a call returns.
+
+    ``outputs`` are the kernel's targets (see :class:`~lowlat.ops.dispatch.DispatchOutputs`);
+    ``zero_copy`` is the bf16 ``[L, R*T, H]`` buffer ``get_next_low_latency_combine_buffer`` hands out
+    for handles of this set (allocated on first request unless ``with_zero_copy``)."""
+
+    __slots__ = ("shape", "device", "index", "generation", "outputs", "zero_copy", "_views", "_handle")
+
+    def __init__(self, shape: BufferShape, device: torch.device, *, index: int = -1, with_zero_copy: bool = False):
+        s = self.shape = shape
+        self.device, self.index, self.generation = device, index, 0
+        parts, offsets, total = self.carve(s)
+        blob = torch.empty(total, dtype=torch.uint8, device=device)
+        self.outputs = DispatchOutputs(**{name: blob[offsets[name]: offsets[name] + size].view(dtype).view(dims)
+                                          for name, (size, dtype, dims) in parts.items()})
+        self.outputs.recv_count.zero_()
+        self.outputs.recv_layout_range.zero_()
+        self._views = self._make_views()
+        self.zero_copy = None
+        if with_zero_copy:
+            self.ensure_zero_copy()
+        self._handle = None
+        self._seal(blob)
+
+    @staticmethod
+    def carve(s: BufferShape):
+        """``(parts, offsets, total_bytes)``: each output's (bytes, dtype, shape) and byte offset in the set."""
+        L, RT, R = s.num_local_experts, s.rows_per_expert, s.num_ranks
+        parts = {
+            "recv_x": (L * RT * 2 * s.hidden, torch.uint8, (L, RT, 2 * s.hidden)),
+            "recv_scales": (L * s.num_groups * s.scale_row_stride * 4, torch.float32, (L, s.num_groups, s.scale_row_stride)),
+            "recv_count": (L * 4, torch.int32, (L,)),
+            "recv_src_info": (L * RT * 4, torch.int32, (L, RT)),
+            "recv_src_topk": (L * RT * 4, torch.int32, (L, RT)),
+            "recv_layout_range": (L * R * 8, torch.int64, (L, R)),
+        }
+        offsets, cursor = {}, 0
+        for name, (size, _, _) in parts.items():
+            offsets[name] = cursor
+            cursor = align(cursor + size, 256)
+        return parts, offsets, cursor
+
+    def _make_views(self) -> dict:
+        s, out = self.shape, self.outputs
+        L, RT = s.num_local_experts, s.rows_per_expert
+        data = out.recv_x.view(-1)[: L * RT * s.hidden].view(torch.float8_e4m3fn).view(L, RT, s.hidden)
+        words = out.recv_scales.view(torch.int32).view(-1)[: L * s.num_ue8m0_words * s.scale_row_stride]
+        ue8m0 = words.view(L, s.num_ue8m0_words, s.scale_row_stride)[:, :, :RT].transpose(1, 2)
+        fp32 = out.recv_scales[:, :, :RT].transpose(1, 2)
+        return {
+            (False, False): out.recv_x.view(torch.bfloat16),
+            (True, False): (data, fp32),
+            (True, True): (data, ue8m0),
+        }
+
+    def recv_x(self, use_fp8: bool, use_ue8m0: bool, fresh: bool):
+        """``recv_x`` as the call returns it: bf16 ``[L, R*T, H]``, or ``(fp8 [L, R*T, H], scales)``
+        with fp32 ``[L, R*T, H/128]`` or int32 UE8M0 ``[L, R*T, ceil(H/512)]`` scales, column-major
+        in the last two dimensions.  ``fresh``: new tensor objects (so the pool sees them held)."""
+        views = self._views[use_fp8, use_ue8m0]
+        if not fresh:
+            return views
+        return (views[0].detach(), views[1].detach()) if use_fp8 else views.detach()
+
+    def attach(self, handle) -> None:
+        """The set is in use while ``handle`` lives."""
+        self._handle = weakref.ref(handle)
+
+    def busy(self) -> bool:
+        handle = self._handle
+        if handle is not None and handle() is not None:
+            return True
+        return super().busy()
+
+    def ensure_zero_copy(self) -> torch.Tensor:
+        if self.zero_copy is None:
+            s = self.shape
+            self.zero_copy = torch.empty(s.num_local_experts, s.rows_per_expert, s.hidden, dtype=torch.bfloat16, device=self.device)
+        return self.zero_copy
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the dispatch outputs (the zero-copy buffer not included)."""
+        return self.carve(self.shape)[2]
+
+
+class CombineOutput(_Reusable):
+    """A bf16 ``[T, H]`` combine output; a call returns a fresh view of its first n rows."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, shape: BufferShape, device: torch.device):
+        self.tensor = torch.empty(shape.max_tokens_per_rank, shape.hidden, dtype=torch.bfloat16, device=device)
+        self._seal(self.tensor)
+
+
+class Pool:
+    """Objects made by ``factory`` and handed out again once not ``busy()`` (eager calls only)."""
+
+    def __init__(self, factory, items=()):
+        self._factory = factory
+        self.items = list(items)
+
+    def acquire(self, device: torch.device):
+        for item in self.items:
+            if not item.busy():
+                item.claim(device)
+                return item
+        item = self._factory()
+        self.items.append(item)
+        return item
