@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Install lowlat on a GPU machine (offline: torch and the CUDA Python packages are preinstalled there;
-# the CCCL headers wheel travels in .whl/), run the GPU tests and the benchmarks, and leave the logs,
-# JSON records and plots in the folder given as the first argument.
+# The one GPU entry point: install lowlat on a GPU machine (offline: torch and the CUDA Python packages
+# are preinstalled there; the CCCL headers wheel travels in .whl/), run the GPU tests and the
+# benchmarks, and leave the logs, JSON records and plots in the folder given as the first argument.
 #
-#   bash bench/gpu_check.sh OUT [tests|bench|all]
-#   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" bash bench/gpu_check.sh OUT all
+#   bash bench/gpu_check.sh OUT [tests|bench|versus|all]
+#   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" VERSUS_ARGS="--tokens 4,128" \
+#       bash bench/gpu_check.sh OUT all
+#
+# versus: builds DeepEP V1 from .peers/ (a git-ignored copy of ../shared/peers: the archive and
+# build_deepep.sh) into /tmp and runs `python -m lowlat.bench --baseline deepep` next to it.
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|all]}
+out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|all]}
 what=${2:-all}
 mkdir -p "$out"
 # Never create NVLink multicast objects on the shared machines.
@@ -30,6 +34,22 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   # shellcheck disable=SC2086
   python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$out/pytest.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = versus ] || [ "$what" = all ]; then
+  if [ -f .peers/build_deepep.sh ]; then
+    start=$(date +%s)
+    if bash .peers/build_deepep.sh .peers/deepep-v1-567632d.tar.gz /tmp/deepep-build > "$out/deepep-build.log" 2>&1; then
+      echo "DeepEP V1 built in $(( $(date +%s) - start )) s"
+      # shellcheck disable=SC2086
+      PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} NVSHMEM_REMOTE_TRANSPORT=none \
+        python3 -m lowlat.bench --out "$out" --baseline deepep ${VERSUS_ARGS:-} 2>&1 | tee "$out/versus.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    else
+      tail -20 "$out/deepep-build.log"; status=1
+    fi
+  else
+    echo "versus: .peers/build_deepep.sh is missing (copy ../shared/peers into .peers/ and carry it)"; status=1
+  fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   # shellcheck disable=SC2086

@@ -28,14 +28,19 @@ from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCapture
                      RoutingError, StaleHandleError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
+from .jit.launch import current_stream_handle
 from .ops.context import KernelConfig, RankContext
 from .outputs import CombineOutput, OutputSet, Pool, capturing_now
+from .streams import EventRing, RawEvent
 from .transport.base import Transport
 from .transport.local import LocalWorld
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
 _KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is waited for
+_NO_EVENT = EventOverlap()  # what synchronous and hook-mode calls return (nothing to wait for)
+_DISPATCH_FLAGS = ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook")
+_COMBINE_FLAGS = ("use_logfmt", "zero_copy", "async_finish", "return_recv_hook")
 
 
 def capturing() -> bool:
@@ -110,11 +115,14 @@ class Buffer:
             see ``lowlat/outputs.py``); default: two static output sets, for CUDA graphs.
         validate_routing: check ``topk_idx`` fully on the host before each eager call (synchronises;
             the kernels always detect bad indices themselves and report them at the next call).
+        rank_mask: int32 ``[num_ranks]`` on the Buffer's device to use as the rank mask, shared with
+            other Buffers of the same ranks (default: a mask of its own).
     """
 
     def __init__(self, group, *, max_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int,
                  transport: str = "auto", num_sms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 enable_zero_copy: bool = False, fresh_outputs: bool = False, validate_routing: bool = False):
+                 enable_zero_copy: bool = False, fresh_outputs: bool = False, validate_routing: bool = False,
+                 rank_mask: torch.Tensor | None = None):
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
@@ -133,7 +141,7 @@ class Buffer:
         self.fresh_outputs = check.flag("fresh_outputs", fresh_outputs)
         check.flag("enable_zero_copy", enable_zero_copy)
         with torch.cuda.device(self._device_index) if self._device_index is not None else contextlib.nullcontext():
-            self._ctx = self._make_context(num_sms)
+            self._ctx = self._make_context(num_sms, rank_mask)
             self._status_host = self._ctx.status.numpy()  # the pinned status word, read without torch ops
             self._engine = KernelEngine(self._ctx) if self.device.type == "cuda" else EmulatedEngine(self._ctx, self.transport)
             s, device = self.shape, self.device
@@ -144,6 +152,10 @@ class Buffer:
             self._comm_stream = getattr(self.transport, "stream", None)
             if self._comm_stream is None and self.device.type == "cuda":
                 self._comm_stream = torch.cuda.Stream(self.device)
+            if self.device.type == "cuda":
+                self._comm_handle = self._comm_stream.cuda_stream
+                self._fork = RawEvent(self._device_index)  # orders the comm stream after the caller's stream
+                self._events = EventRing(self._device_index)
             self.warmup()
         self._dispatches = 0
         self._pending: dict[str, collections.deque] = {"dispatch": collections.deque(), "combine": collections.deque()}
@@ -169,7 +181,7 @@ class Buffer:
         world = LocalWorld(num_ranks, RegionLayout.of(probe).total_bytes, device)
         return [cls(world.transport(rank), **kwargs) for rank in range(num_ranks)]
 
-    def _make_context(self, num_sms) -> RankContext:
+    def _make_context(self, num_sms, rank_mask) -> RankContext:
         if self.device.type == "cuda":
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             # Two 512-thread blocks per SM keep enough loads in flight; virtual ranks that run
@@ -181,12 +193,15 @@ class Buffer:
             default, status = 1, torch.zeros(1, dtype=torch.int64, device="cpu")
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ArgumentError(f"num_sms must be a positive int, got {num_sms!r}")
+        if rank_mask is None:
+            rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        check.tensor("rank_mask", rank_mask, dtypes=check.INT32, shape=(self.num_ranks,), device=self.device)
         return RankContext(
             config=KernelConfig(self.layout),
             rank=self.rank,
             peer_bases=self.transport.peer_bases,
             state=torch.zeros(StateWord.NUM_STATE_WORDS, dtype=torch.int64, device=self.device),
-            rank_mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device),
+            rank_mask=rank_mask,
             status=status,
             timeout_ns=int(self.timeout_s * 1e9),
             num_blocks=num_sms or default,
@@ -225,21 +240,25 @@ class Buffer:
         Static outputs (the default) stay valid until the next-but-one dispatch; fresh outputs
         (``fresh_outputs=True``) as long as they are held.
         """
+        return self._dispatch(x, topk_idx, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
+                              cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, num_tokens)
+
+    def _dispatch(self, x, topk_idx, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, recv_stats, wait_stats,
+                  num_tokens):
+        """low_latency_dispatch with positional arguments, on the Buffer's device (the host path's core)."""
         self.check_status()
         s = self.shape
-        check.flags(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
-                    return_recv_hook=return_recv_hook)
+        check.flags(_DISPATCH_FLAGS, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
         if round_scale and not use_fp8:
             raise ArgumentError("round_scale=True needs use_fp8=True")
         if use_ue8m0 and not round_scale:
             raise ArgumentError("use_ue8m0=True needs round_scale=True (UE8M0 scales are powers of two)")
-        check.tensor("x", x, dtypes=check.BF16, shape=(None, s.hidden), device=self.device)
+        check.tensor("x", x, check.BF16, (None, s.hidden), self.device)
         n = x.shape[0]
         if n > s.max_tokens_per_rank:
             raise ArgumentError(f"x has {n} tokens, more than max_tokens_per_rank={s.max_tokens_per_rank}")
-        check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
-        num_tokens, num_tokens_device = check.num_tokens_arg(num_tokens, n, self.device)
-        recv_stats, wait_stats = cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats
+        check.tensor("topk_idx", topk_idx, check.TOPK_DTYPES, (n, s.num_topk), self.device)
+        num_tokens, num_tokens_device = (n, None) if num_tokens is None else check.num_tokens_arg(num_tokens, n, self.device)
         if recv_stats is not None:
             check.tensor("cumulative_local_expert_recv_stats", recv_stats, dtypes=check.INT32, shape=(s.num_local_experts,),
                          device=self.device)
@@ -249,23 +268,29 @@ class Buffer:
         if self.validate_routing and not capturing():
             check.routing(topk_idx, s.num_experts, num_tokens)
 
-        fresh = self.fresh_outputs
         outputs = self._take_outputs()
         handle = DispatchHandle(self.buffer_id, outputs, outputs.generation, n, num_tokens_device, s.max_tokens_per_rank,
                                 s.hidden, s.num_experts)
-        if fresh:
+        if self.fresh_outputs:
             outputs.attach(handle)
-        recv_x = outputs.recv_x(use_fp8, use_ue8m0, fresh)
-        recv_count = outputs.outputs.recv_count.detach() if fresh else outputs.outputs.recv_count
+        recv_x = outputs.recv_x(use_fp8, use_ue8m0)
+        recv_count = outputs.outputs.recv_count
         engine, out = self._engine, outputs.outputs
         event, hook = self._issue(
             "dispatch",
-            lambda stream: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8=use_fp8, round_scale=round_scale,
-                                                stream=stream),
-            lambda stream: engine.dispatch_recv(out, use_fp8=use_fp8, use_ue8m0=use_ue8m0, cumulative_recv_stats=recv_stats,
-                                                wait_cost_stats=wait_stats, stream=stream),
+            lambda stream: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream),
+            lambda stream: engine.dispatch_recv(out, use_fp8, use_ue8m0, recv_stats, wait_stats, stream),
             async_finish, return_recv_hook, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,), handle)
         return recv_x, recv_count, handle, event, hook
+
+    def run(self, call, *args):
+        """``call(*args)`` with this Buffer's device current (the DeepEP facade's way in to the
+        positional cores ``_dispatch`` / ``_combine``)."""
+        index = self._device_index
+        if index is not None and torch._C._cuda_getDevice() != index:
+            with torch.cuda.device(index):
+                return call(*args)
+        return call(*args)
 
     def _take_outputs(self) -> OutputSet:
         self._dispatches += 1
@@ -300,15 +325,19 @@ class Buffer:
         Returns ``(combined_x bf16 [n, hidden], event, hook)``; the sum runs in fp32 in top-k order.
         ``combined_x`` is ``out``, or a tensor of its own (no two combines share storage).
         """
+        return self._combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
+                             combine_wait_recv_cost_stats)
+
+    def _combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out, wait_stats):
+        """low_latency_combine with positional arguments, on the Buffer's device (the host path's core)."""
         self.check_status()
         s = self.shape
-        check.flags(use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook)
+        check.flags(_COMBINE_FLAGS, use_logfmt, zero_copy, async_finish, return_recv_hook)
         self._check_handle(handle)
         if zero_copy and use_logfmt:
             raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
         n = handle.num_tokens
-        check.tensor("x", x, dtypes=check.BF16, shape=(s.num_local_experts, s.rows_per_expert, s.hidden), device=self.device,
-                     contiguous=not zero_copy)
+        check.tensor("x", x, check.BF16, (s.num_local_experts, s.rows_per_expert, s.hidden), self.device, contiguous=not zero_copy)
         source = x
         if zero_copy:
             source = handle.outputs.zero_copy
@@ -316,13 +345,12 @@ class Buffer:
                 raise ArgumentError("zero_copy=True reads get_next_low_latency_combine_buffer(handle), and this Buffer "
                                     + ("has none yet for this handle: call it and write the expert outputs there first"
                                        if self.fresh_outputs else "was built without enable_zero_copy=True"))
-        check.tensor("topk_idx", topk_idx, dtypes=check.TOPK_DTYPES, shape=(n, s.num_topk), device=self.device)
-        check.tensor("topk_weights", topk_weights, dtypes=check.FLOAT32, shape=(n, s.num_topk), device=self.device)
-        wait_stats = combine_wait_recv_cost_stats
+        check.tensor("topk_idx", topk_idx, check.TOPK_DTYPES, (n, s.num_topk), self.device)
+        check.tensor("topk_weights", topk_weights, check.FLOAT32, (n, s.num_topk), self.device)
         if wait_stats is not None:
-            check.tensor("combine_wait_recv_cost_stats", wait_stats, dtypes=check.INT64, shape=(s.num_ranks,), device=self.device)
+            check.tensor("combine_wait_recv_cost_stats", wait_stats, check.INT64, (s.num_ranks,), self.device)
         if out is not None:
-            check.tensor("out", out, dtypes=check.BF16, shape=(n, s.hidden), device=self.device)
+            check.tensor("out", out, check.BF16, (n, s.hidden), self.device)
         self._check_modes(async_finish, return_recv_hook, "combine")
 
         reusable = ()
@@ -331,13 +359,12 @@ class Buffer:
                 out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
             else:
                 entry = self._combine_pool.acquire(self.device)
-                out, reusable = entry.tensor[:n], (entry,)
+                out, reusable = entry.rows(n), (entry,)
         engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
         event, hook = self._issue(
             "combine",
-            lambda stream: engine.combine_send(source, layout, use_logfmt=use_logfmt, stream=stream),
-            lambda stream: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt=use_logfmt,
-                                               wait_cost_stats=wait_stats, stream=stream),
+            lambda stream: engine.combine_send(source, layout, use_logfmt, stream),
+            lambda stream: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats, stream),
             async_finish, return_recv_hook, (x, source, topk_idx, topk_weights, out, wait_stats, handle), reusable, None)
         return out, event, hook
 
@@ -386,14 +413,14 @@ class Buffer:
             send(None)
             hook = RecvHook(kind, lambda: receive(None), self._run_hook, handle)
             self._pending[kind].append(hook)
-            return EventOverlap(), hook
+            return _NO_EVENT, hook
         if async_finish and self._device_index is not None:
-            comm = self._comm_stream
-            comm.wait_stream(torch.cuda.current_stream(self.device))
-            stream = comm.cuda_stream
-            send(stream)
-            receive(stream)
-            event = torch.cuda.Event()
+            comm = self._comm_handle
+            self._fork.record(current_stream_handle(self._device_index))
+            self._fork.wait(comm)
+            send(comm)
+            receive(comm)
+            event = self._events.next()
             event.record(comm)
             self._hold_until_done(event, keep)
             for item in reusable:
@@ -401,7 +428,7 @@ class Buffer:
             return EventOverlap(event, keep), None
         send(None)
         receive(None)
-        return EventOverlap(), None
+        return _NO_EVENT, None
 
     def _hold_until_done(self, event, tensors: tuple) -> None:
         """Keep the tensors of an async call alive until its event completes, even if the caller drops

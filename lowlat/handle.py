@@ -79,6 +79,9 @@ class DispatchHandle:
 class EventOverlap:
     """Completion of work issued on another stream (``async_finish=True``); empty otherwise.
 
+    ``event`` is a ``torch.cuda.Event`` or a :class:`lowlat.streams.RawEvent` (both have ``wait``,
+    ``query`` and ``synchronize``).
+
     ``current_stream_wait()`` makes the current stream wait for it; as a context manager it does so
     on exit, like DeepEP's ``EventOverlap``.  ``extra_tensors`` are kept alive with it (the Buffer
     also keeps them until the work is done, whether or not this object is kept).
@@ -90,7 +93,7 @@ class EventOverlap:
 
     def current_stream_wait(self) -> None:
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            self.event.wait()
 
     def synchronize(self) -> None:
         if self.event is not None:

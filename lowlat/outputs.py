@@ -18,6 +18,7 @@ reuses it; work left on another stream by an ``async_finish`` call is waited for
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -28,9 +29,15 @@ from .ops.dispatch import DispatchOutputs
 _use_count = torch._C._storage_Use_Count
 
 
+_cuda_available: bool | None = None
+
+
 def capturing_now() -> bool:
     """Whether the current CUDA stream is capturing a graph (cheap; False without CUDA)."""
-    return torch.cuda.is_available() and torch._C._cuda_isCurrentStreamCapturing()
+    global _cuda_available
+    if _cuda_available is None:
+        _cuda_available = torch.cuda.is_available()
+    return _cuda_available and torch._C._cuda_isCurrentStreamCapturing()
 
 
 class _Reusable:
@@ -62,7 +69,7 @@ class OutputSet(_Reusable):
     ``zero_copy`` is the bf16 ``[L, R*T, H]`` buffer ``get_next_low_latency_combine_buffer`` hands out
     for handles of this set (allocated on first request unless ``with_zero_copy``)."""
 
-    __slots__ = ("shape", "device", "index", "generation", "outputs", "zero_copy", "_views", "_handle")
+    __slots__ = ("shape", "device", "index", "generation", "outputs", "zero_copy", "_views", "_handle", "_returned", "_refs")
 
     def __init__(self, shape: BufferShape, device: torch.device, *, index: int = -1, with_zero_copy: bool = False):
         s = self.shape = shape
@@ -78,7 +85,14 @@ class OutputSet(_Reusable):
         if with_zero_copy:
             self.ensure_zero_copy()
         self._handle = None
+        # The objects calls hand out; the set is busy while a caller holds one of them (Python
+        # references) or anything derived from them (references to the storage).
+        self._returned = (*self._views.values(), *self._views[True, False], self._views[True, True][1], self.outputs.recv_count)
+        self._refs = self._refcounts()
         self._seal(blob)
+
+    def _refcounts(self) -> list[int]:
+        return [sys.getrefcount(obj) for obj in self._returned]
 
     @staticmethod
     def carve(s: BufferShape):
@@ -111,14 +125,11 @@ class OutputSet(_Reusable):
             (True, True): (data, ue8m0),
         }
 
-    def recv_x(self, use_fp8: bool, use_ue8m0: bool, fresh: bool):
+    def recv_x(self, use_fp8: bool, use_ue8m0: bool):
         """``recv_x`` as the call returns it: bf16 ``[L, R*T, H]``, or ``(fp8 [L, R*T, H], scales)``
         with fp32 ``[L, R*T, H/128]`` or int32 UE8M0 ``[L, R*T, ceil(H/512)]`` scales, column-major
-        in the last two dimensions.  ``fresh``: new tensor objects (so the pool sees them held)."""
-        views = self._views[use_fp8, use_ue8m0]
-        if not fresh:
-            return views
-        return (views[0].detach(), views[1].detach()) if use_fp8 else views.detach()
+        in the last two dimensions."""
+        return self._views[use_fp8, use_ue8m0]
 
     def attach(self, handle) -> None:
         """The set is in use while ``handle`` lives."""
@@ -128,7 +139,7 @@ class OutputSet(_Reusable):
         handle = self._handle
         if handle is not None and handle() is not None:
             return True
-        return super().busy()
+        return self._refcounts() != self._refs or super().busy()
 
     def ensure_zero_copy(self) -> torch.Tensor:
         if self.zero_copy is None:
@@ -143,13 +154,29 @@ class OutputSet(_Reusable):
 
 
 class CombineOutput(_Reusable):
-    """A bf16 ``[T, H]`` combine output; a call returns a fresh view of its first n rows."""
+    """A bf16 ``[T, H]`` combine output; a call returns its first n rows (a view made once per n)."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "_rows", "_refs")
 
     def __init__(self, shape: BufferShape, device: torch.device):
         self.tensor = torch.empty(shape.max_tokens_per_rank, shape.hidden, dtype=torch.bfloat16, device=device)
+        self._rows: dict[int, torch.Tensor] = {}
+        self._refs = {}
         self._seal(self.tensor)
+
+    def rows(self, n: int) -> torch.Tensor:
+        view = self._rows.get(n)
+        if view is None:  # a new view holds the storage too: count it in the baseline
+            view = self._rows[n] = self.tensor[:n]
+            self._refs[n] = sys.getrefcount(view)
+            self._baseline = _use_count(self._cdata)
+        return view
+
+    def busy(self) -> bool:
+        for n, view in self._rows.items():
+            if sys.getrefcount(view) != self._refs[n]:
+                return True
+        return _use_count(self._cdata) != self._baseline
 
 
 class Pool:

@@ -1,49 +1,140 @@
-"""lowlat.compat.deep_ep.Buffer takes DeepEP's signatures (here on virtual CPU ranks)."""
+"""lowlat.compat.deep_ep.Buffer driven as DeepEP's users drive it (tests/deepep_conventions.py), here
+on virtual CPU ranks (one host thread per rank, like one process per rank) under a bf16 default
+dtype; tests/test_gpu_compat.py runs the same session on a GPU, one process and two."""
+
+import threading
 
 import pytest
 import torch
 
-from lowlat.compat import deep_ep
-from lowlat.errors import UnavailableError
-from lowlat.transport.local import LocalWorld
 from lowlat import layout
-from helpers import check_combine, check_dispatch, expert_outputs, make_inputs, reference_combined, reference_for
+from lowlat.compat import deep_ep
+from lowlat.errors import ArgumentError, ArgumentTypeError, StaleHandleError, UnavailableError
+from lowlat.transport.local import LocalWorld
+from deepep_conventions import run_rank
+
+T, H, E, K = 6, 256, 8, 3
 
 
-def test_deep_ep_signatures_round_trip():
-    T, H, E, K, R = 6, 256, 8, 3, 2
-    region = layout.RegionLayout.of(layout.BufferShape(R, E, K, H, T)).total_bytes
-    world = LocalWorld(R, region, "cpu")
-    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
-    buffers = [deep_ep.Buffer(world.transport(r), 0, hint, low_latency_mode=True, num_qps_per_rank=E // R) for r in range(R)]
-    inputs = make_inputs(R, T, H, E, K, seed=1)
-    results = []
-    for r, b in enumerate(buffers):  # positional, DeepEP order: x, topk_idx, T, num_experts
-        results.append(b.low_latency_dispatch(inputs[r].x, inputs[r].topk_idx, T, E, use_fp8=True, return_recv_hook=True))
-    for result in results:
-        result[-1]()
-    refs = reference_for(inputs, E, T, use_fp8=True)
-    check_dispatch(results, refs, use_fp8=True)
-    handle = results[0][2]
-    assert torch.equal(handle[0], handle.packed_recv_src_info) and handle[2:] == (T, H, E)  # DeepEP tuple indexing
-    ys = expert_outputs(results, refs, use_fp8=True)
-    outs = []
-    for r, b in enumerate(buffers):
-        target = b.get_next_low_latency_combine_buffer(results[r][2])  # zero-copy path, as DeepEP users write it
-        target.copy_(ys[r])
-        ys[r] = target
-        outs.append(b.low_latency_combine(target, inputs[r].topk_idx, inputs[r].topk_weights, results[r][2], zero_copy=True,
-                                          return_recv_hook=True))
-    for out in outs:
-        out[-1]()
-    check_combine(outs, reference_combined(inputs, ys, refs, use_logfmt=False))
-    mask = torch.ones(R, dtype=torch.int32)
-    buffers[0].low_latency_query_mask_buffer(mask)
-    assert mask.tolist() == [0, 0]
-    for b in buffers:
-        b.clean_low_latency_buffer(T, H, E)
+def facade_group(num_ranks, *, num_rdma_bytes=None, **kwargs):
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, num_ranks, E)
+    world = LocalWorld(num_ranks, 2 * hint, "cpu")
+    return [deep_ep.Buffer(world.transport(r), 0, num_rdma_bytes or hint, low_latency_mode=True, num_qps_per_rank=E // num_ranks,
+                           timeout_s=20.0, **kwargs) for r in range(num_ranks)]
 
 
-def test_normal_mode_is_refused_clearly():
+@pytest.fixture
+def bf16_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # DeepEP's harness state (its test utils set it globally)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_deepep_session_on_virtual_cpu_ranks(num_ranks, bf16_default):
+    buffers = facade_group(num_ranks)
+    checked, errors = [0] * num_ranks, []
+
+    def rank_body(rank):
+        try:
+            checked[rank] = run_rank(buffers[rank], rank, num_ranks, num_tokens=T, hidden=H, num_experts=E, num_topk=K,
+                                     device=torch.device("cpu"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_body, args=(r,)) for r in range(num_ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert all(c > 0 for c in checked)
+
+
+def test_fresh_outputs_never_alias_a_held_result():
+    b = facade_group(1)[0]
+    x = torch.randn(T, H, dtype=torch.float32, device="cpu").to(torch.bfloat16)
+    topk = torch.tensor([[0, 1, 2]] * T, dtype=torch.int64, device="cpu")
+    first = b.low_latency_dispatch(x, topk, T, E, use_fp8=False)
+    results = [b.low_latency_dispatch(x * 2, topk, T, E, use_fp8=False) for _ in range(3)]
+    storages = {r[0].untyped_storage().data_ptr() for r in results} | {first[0].untyped_storage().data_ptr()}
+    assert len(storages) == 4, "four held dispatch results need four storages"
+    assert torch.equal(first[0][0, : int(first[1][0])].float(), x[:T].float()), "the first result was overwritten"
+    handle = first[2]
+    del first, results
+    again = b.low_latency_dispatch(x, topk, T, E, use_fp8=False)  # reuses a released set, never the held handle's
+    assert again[2].outputs is not handle.outputs
+    w = torch.ones(T, K, dtype=torch.float32, device="cpu")
+    y = torch.ones(E, T, H, dtype=torch.bfloat16, device="cpu")
+    out1, _, _ = b.low_latency_combine(y, topk, w, handle)
+    out2, _, _ = b.low_latency_combine(y * 2, topk, w, handle)
+    assert out1.data_ptr() != out2.data_ptr() and torch.equal(out2.float(), 2 * out1.float())
+
+
+def test_native_static_outputs_raise_on_a_stale_handle():
+    import lowlat
+    b = lowlat.Buffer.local_group(1, device="cpu", max_tokens_per_rank=T, hidden=H, num_experts=E, num_topk=K)[0]
+    x = torch.zeros(T, H, dtype=torch.bfloat16, device="cpu")
+    topk = torch.tensor([[0, 1, 2]] * T, dtype=torch.int64, device="cpu")
+    h1 = b.low_latency_dispatch(x, topk)[2]
+    h2 = b.low_latency_dispatch(x, topk)[2]
+    y = torch.zeros(E, T, H, dtype=torch.bfloat16, device="cpu")
+    w = torch.ones(T, K, dtype=torch.float32, device="cpu")
+    b.low_latency_combine(y, topk, w, h1)  # two dispatches in flight: both handles valid
+    b.low_latency_dispatch(x, topk)
+    assert h1.is_stale and not h2.is_stale
+    with pytest.raises(StaleHandleError, match="stale"):
+        b.low_latency_combine(y, topk, w, h1)
+    b.low_latency_combine(y, topk, w, h2)
+
+
+def test_region_is_set_up_in_the_constructor_and_shapes_are_carved_from_num_rdma_bytes():
+    b = facade_group(1)[0]
+    assert b.get_local_buffer_tensor(torch.int32, use_rdma_buffer=True).numel() == b.num_rdma_bytes // 4
+    view = b.get_local_buffer_tensor(torch.float32, torch.Size([4, 8]), offset=16, use_rdma_buffer=True)
+    assert view.shape == (4, 8) and view.dtype == torch.float32
+    x = torch.zeros(2, H, dtype=torch.bfloat16, device="cpu")
+    topk = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int64, device="cpu")
+    b.low_latency_dispatch(x, topk, T, E)
+    with pytest.raises(ArgumentError, match="num_rdma_bytes=.* is too small"):
+        b.low_latency_dispatch(x, topk, T + 1, E)  # a second shape does not fit next to the first
+    with pytest.raises(UnavailableError, match="use_rdma_buffer=True"):
+        b.get_local_buffer_tensor(torch.int32)
+
+
+def test_static_helpers_and_destroy_semantics():
+    assert deep_ep.Buffer.is_sm90_compiled() is True
+    deep_ep.Buffer.set_num_sms(24)
+    assert deep_ep.Buffer.num_sms == 24
+    with pytest.raises(ArgumentError, match="even"):
+        deep_ep.Buffer.set_num_sms(23)
+    deep_ep.Buffer.set_num_sms(20)
+    assert deep_ep.topk_idx_t is torch.int64
+    implicit = facade_group(1)[0]
+    with pytest.raises(ArgumentError, match="explicitly_destroy=True"):
+        implicit.destroy()
+    explicit = facade_group(1, explicitly_destroy=True)[0]
+    explicit.destroy()
+    with pytest.raises(UnavailableError, match="destroyed"):
+        explicit.low_latency_dispatch(torch.zeros(1, H, dtype=torch.bfloat16, device="cpu"),
+                                      torch.zeros(1, K, dtype=torch.int64, device="cpu"), T, E)
+
+
+def test_construction_errors_are_clear():
     with pytest.raises(UnavailableError, match="low_latency_mode=True"):
         deep_ep.Buffer(None, 1 << 20, 0)
+    with pytest.raises(ArgumentTypeError, match="group must be"):
+        deep_ep.Buffer(None, 0, 1 << 20, low_latency_mode=True)
+    world = LocalWorld(1, 2**21, "cpu")
+    with pytest.raises(UnavailableError, match="allow_nvlink_for_low_latency_mode=False"):
+        deep_ep.Buffer(world.transport(0), 0, 1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
+    with pytest.raises(ArgumentError, match="num_rdma_bytes must be a non-negative multiple of 128"):
+        deep_ep.Buffer(world.transport(0), 0, 100, low_latency_mode=True)
+
+
+def test_size_hint_covers_every_topk():
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    for k in (1, 8, 32):
+        assert layout.RegionLayout.of(layout.BufferShape(8, 256, k, 7168, 128)).total_bytes <= hint

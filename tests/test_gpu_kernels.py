@@ -37,7 +37,7 @@ def round_trip(buffers, inputs, shape, dispatch_mode, combine_mode, *, hook, dev
     options = DISPATCH_MODES[dispatch_mode]
     use_fp8 = options["use_fp8"]
     for b in buffers:  # poison: stale rows must never be mistaken for received ones
-        for out in b._outputs:
+        for out in (o.outputs for o in b._static):
             out.recv_x.fill_(0xFF)
             out.recv_src_info.fill_(-7)
     results = dispatch_all(buffers, inputs, hook=hook, concurrent=not hook, device_num_tokens=device_num_tokens, **options)

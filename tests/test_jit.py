@@ -125,11 +125,12 @@ def test_launch_plan_packs_every_argument_and_patches_the_variable_ones(cache):
     assert [plan.argument(n) for n in ("x", "topk_idx", "num_tokens_host", "round_scale")] == [0, 0, 0, 0]
     assert unpack_rank_args(plan.argument("rank")) == dict(peer_bases=0x1000, state=0x2000, mask=0x3000, status=0x4000,
                                                            timeout_ns=5_000_000_000, id=1, reserved=0)
-    for (slot, convert), value in zip(plan._variable, (x, 128, True)):  # what launch() writes before cuLaunchKernel
-        slot[0] = convert(value)
+    for offset, value in zip(plan._variable, (x.data_ptr(), 128, 1)):  # what launch_on() writes before cuLaunchKernel
+        plan._words[offset] = value
     assert plan.argument("x") == x.data_ptr() and plan.argument("num_tokens_host") == 128 and plan.argument("round_scale") == 1
     pointers = np.frombuffer(ctypes.string_at(plan._params, 8 * 6), dtype=np.uint64)
-    assert int(pointers[3]) == plan._slots[3].ctypes.data and int(pointers[5]) == plan._slots[5].ctypes.data
+    base = ctypes.addressof(plan._words)
+    assert [int(p) - base for p in pointers] == [0, 16, 32, 48, 64, 80]  # 16-byte slots, RankArgs last
     assert ctypes.c_int32.from_address(int(pointers[3])).value == 128
     assert ctypes.string_at(int(pointers[5]), 48) == RANK
     with pytest.raises(ArgumentError, match="takes 3 per-call arguments"):

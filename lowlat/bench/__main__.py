@@ -25,15 +25,20 @@ from .workload import Config
 
 STANDARD = dict(tokens="128", hidden=7168, topk=8, experts=256)
 SWEEP = "1,2,4,8,16,32,64,128,256"
+VERSUS = dict(tokens="1,4,32,128,256", experts=288)  # DeepEP's own test shape, for --baseline deepep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lowlat.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", default=STANDARD["tokens"], help=f"tokens per rank: one value or a list (sweep: {SWEEP})")
+    parser.add_argument("--tokens", default=None, help=f"tokens per rank: one value or a list (default {STANDARD['tokens']}; "
+                        f"sweep: {SWEEP}; with --baseline deepep: {VERSUS['tokens']})")
     parser.add_argument("--sweep", action="store_true", help=f"shorthand for --tokens {SWEEP}")
     parser.add_argument("--hidden", type=int, default=STANDARD["hidden"])
     parser.add_argument("--topk", type=int, default=STANDARD["topk"])
-    parser.add_argument("--experts", type=int, default=STANDARD["experts"])
+    parser.add_argument("--experts", type=int, default=None,
+                        help=f"default {STANDARD['experts']} ({VERSUS['experts']} with --baseline deepep, DeepEP's test shape)")
+    parser.add_argument("--baseline", choices=("none", "deepep"), default="none",
+                        help="deepep: DeepEP V1's low-latency mode next to lowlat's DeepEP facade, same run, one GPU, EP1")
     parser.add_argument("--ranks", default=None, help="virtual ranks on one GPU (list allowed; default 8), or processes")
     parser.add_argument("--processes", type=int, default=None, help="force N processes on the ipc transport (default: one per GPU when there are several)")
     parser.add_argument("--dispatch", choices=("fp8", "bf16"), default="fp8")
@@ -44,8 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--check-all", action="store_true", help="check every point against the reference, not just the first")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON record and the plot")
     args = parser.parse_args(argv)
+    versus = args.baseline == "deepep"
     if args.sweep:
         args.tokens = SWEEP
+    if args.tokens is None:
+        args.tokens = VERSUS["tokens"] if versus else STANDARD["tokens"]
+    if args.experts is None:
+        args.experts = VERSUS["experts"] if versus else STANDARD["experts"]
     args.token_list = [int(t) for t in str(args.tokens).split(",")]
     return args
 
@@ -60,6 +70,10 @@ def main(argv=None) -> int:
     processes = args.processes or (gpus if gpus >= 2 else None)
     if gpus == 0:
         return _cpu(args, env)
+    if args.baseline == "deepep":
+        from .versus import run
+
+        return run(args, env, out)
     if processes:
         from .multiproc import run_processes
 

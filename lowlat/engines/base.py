@@ -19,15 +19,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def dispatch_send(self, x: torch.Tensor, topk_idx: torch.Tensor, num_tokens: int, num_tokens_device: torch.Tensor | None,
-                      *, use_fp8: bool, round_scale: bool, stream: int | None = None) -> None: ...
+                      use_fp8: bool, round_scale: bool, stream: int | None = None) -> None: ...
 
     @abc.abstractmethod
-    def dispatch_recv(self, out: DispatchOutputs, *, use_fp8: bool, use_ue8m0: bool,
+    def dispatch_recv(self, out: DispatchOutputs, use_fp8: bool, use_ue8m0: bool,
                       cumulative_recv_stats: torch.Tensor | None, wait_cost_stats: torch.Tensor | None,
                       stream: int | None = None) -> None: ...
 
     @abc.abstractmethod
-    def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, *, use_logfmt: bool, stream: int | None = None) -> None: ...
+    def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, use_logfmt: bool, stream: int | None = None) -> None: ...
 
     def exchange(self, words: torch.Tensor, gathered: torch.Tensor, *, stream: int | None = None) -> None:
         """All-gather of a few words through peer memory (kernels/exchange.cuh)."""
@@ -37,5 +37,5 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def combine_recv(self, out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int,
-                     num_tokens_device: torch.Tensor | None, *, use_logfmt: bool, wait_cost_stats: torch.Tensor | None,
+                     num_tokens_device: torch.Tensor | None, use_logfmt: bool, wait_cost_stats: torch.Tensor | None,
                      stream: int | None = None) -> None: ...

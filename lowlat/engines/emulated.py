@@ -118,7 +118,7 @@ class EmulatedEngine(Engine):
 
     # -- dispatch -----------------------------------------------------------------------------------
 
-    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale, stream=None):
+    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.DISPATCH_SEND_SEQ)
         if seq - self._seq(StateWord.DISPATCH_RECV_SEQ) >= 2:
@@ -160,7 +160,7 @@ class EmulatedEngine(Engine):
         self._signal_all(parity, self.layout.dispatch_flags, seq + 1)
         self.ctx.state[StateWord.DISPATCH_SEND_SEQ] = seq + 1
 
-    def dispatch_recv(self, out: DispatchOutputs, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
+    def dispatch_recv(self, out: DispatchOutputs, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.DISPATCH_RECV_SEQ)
         if seq >= self._seq(StateWord.DISPATCH_SEND_SEQ):
@@ -207,7 +207,7 @@ class EmulatedEngine(Engine):
 
     # -- combine ------------------------------------------------------------------------------------
 
-    def combine_send(self, x, layout: DispatchOutputs, *, use_logfmt, stream=None):
+    def combine_send(self, x, layout: DispatchOutputs, use_logfmt, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.COMBINE_SEND_SEQ)
         if seq - self._seq(StateWord.COMBINE_RECV_SEQ) >= 2:
@@ -230,7 +230,7 @@ class EmulatedEngine(Engine):
         self._signal_all(parity, self.layout.combine_flags, seq + 1)
         self.ctx.state[StateWord.COMBINE_SEND_SEQ] = seq + 1
 
-    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats, stream=None):
+    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, use_logfmt, wait_cost_stats, stream=None):
         s, me = self.shape, self.ctx.rank
         seq = self._seq(StateWord.COMBINE_RECV_SEQ)
         if seq >= self._seq(StateWord.COMBINE_SEND_SEQ):

@@ -39,24 +39,27 @@ class KernelEngine(Engine):
     def _stream(self, stream):
         return current_stream_handle(self.ctx.device_index) if stream is None else stream
 
-    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, *, use_fp8, round_scale, stream=None):
+    def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream=None):
         plan = self._dispatch_send[use_fp8, topk_idx.dtype is torch.int64]
-        plan.launch_on(self._stream(stream), x, topk_idx, num_tokens_device, num_tokens, round_scale)
+        plan.launch_on(self._stream(stream), x.data_ptr(), topk_idx.data_ptr(), _address(num_tokens_device), num_tokens,
+                       1 if round_scale else 0)
 
-    def dispatch_recv(self, out, *, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
+    def dispatch_recv(self, out, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream=None):
         plan = self._dispatch_recv[use_fp8, use_ue8m0]
-        plan.launch_on(self._stream(stream), out.recv_x, out.recv_scales, out.recv_count, out.recv_src_info, out.recv_src_topk,
-                       out.recv_layout_range, cumulative_recv_stats, wait_cost_stats)
+        plan.launch_on(self._stream(stream), *out.addresses, _address(cumulative_recv_stats), _address(wait_cost_stats))
 
-    def combine_send(self, x, layout, *, use_logfmt, stream=None):
-        self._combine_send[use_logfmt].launch_on(self._stream(stream), x, layout.recv_count, layout.recv_src_info,
-                                                 layout.recv_src_topk, layout.recv_layout_range)
+    def combine_send(self, x, layout, use_logfmt, stream=None):
+        self._combine_send[use_logfmt].launch_on(self._stream(stream), x.data_ptr(), *layout.addresses[2:])
 
-    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, *, use_logfmt, wait_cost_stats,
+    def combine_recv(self, out, topk_idx, topk_weights, num_tokens, num_tokens_device, use_logfmt, wait_cost_stats,
                      stream=None):
         plan = self._combine_recv[use_logfmt, topk_idx.dtype is torch.int64]
-        plan.launch_on(self._stream(stream), out, topk_idx, topk_weights, num_tokens_device, num_tokens, out.shape[0],
-                       wait_cost_stats)
+        plan.launch_on(self._stream(stream), out.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), _address(num_tokens_device),
+                       num_tokens, out.shape[0], _address(wait_cost_stats))
 
     def exchange(self, words, gathered, *, stream=None) -> None:
-        self._exchange.launch_on(self._stream(stream), words, gathered)
+        self._exchange.launch_on(self._stream(stream), words.data_ptr(), gathered.data_ptr())
+
+
+def _address(tensor) -> int:
+    return 0 if tensor is None else tensor.data_ptr()

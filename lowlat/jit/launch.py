@@ -12,6 +12,7 @@ kernel.  :meth:`Kernel.launch` is the one-off form (a plan built and launched at
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any, Callable, Sequence
 
@@ -84,20 +85,6 @@ def _convert(param: Param, value: Any):
     if not low <= int(value) <= high:
         raise ArgumentError(f"kernel argument {param.name}={value} does not fit {ctype.__name__}")
     return ctype(value)
-
-
-def _fast_converter(kind: ArgKind) -> Callable[[Any], Any]:
-    """Per-call conversion of a changing argument: addresses and plain ints, no range re-check
-    (the Buffer validated the values before any launch)."""
-    if kind is ArgKind.PTR:
-        return lambda value: 0 if value is None else value.data_ptr() if hasattr(value, "data_ptr") else int(value)
-    if kind is ArgKind.BOOL:
-        return lambda value: 1 if value else 0
-    if kind is ArgKind.F32:
-        return float
-    if kind is ArgKind.RANK:
-        raise ArgumentError("the RankArgs struct is fixed per plan; it cannot be a per-call argument")
-    return int
 
 
 class Kernel:
@@ -183,9 +170,12 @@ def _dims(value) -> tuple[int, int, int]:
 class LaunchPlan:
     """One kernel launch with its arguments packed in host memory, ready for ``cuLaunchKernel``.
 
-    ``launch(*values)`` writes the per-call arguments (declared at planning) into their slots and
-    launches on PyTorch's current stream of the plan's device.  The driver copies the arguments at
-    launch time, so the slots may change again right after.  Not thread-safe: one plan per caller.
+    Every argument owns a 16-byte-aligned slot of one ``uint64`` array (the 48-byte RankArgs three
+    slots); ``cuLaunchKernel`` reads them through an array of pointers built once.  ``launch_on``
+    writes the per-call arguments (declared at planning) as 64-bit words into their slots and
+    launches: addresses and non-negative integers (a 32-bit or bool argument reads the low bytes,
+    little-endian).  The driver copies the arguments at launch time, so the slots may change right
+    after.  Not thread-safe: one plan per caller.
     """
 
     def __init__(self, kernel: Kernel, function, device_index: int, grid, block, shmem: int, converted: tuple,
@@ -196,45 +186,46 @@ class LaunchPlan:
         self.device_index = device_index
         self._function = function
         self._grid, self._block, self._shmem = _dims(grid), _dims(block), int(shmem)
-        offsets, cursor = [], 0
+        offsets, cursor = [], 0  # in 64-bit words
         for param in kernel.signature:
             offsets.append(cursor)
             size = RANK_ARGS_BYTES if param.kind is ArgKind.RANK else 8
-            cursor += -(-size // _SLOT_BYTES) * _SLOT_BYTES
-        self._storage = np.zeros(max(cursor, _SLOT_BYTES), dtype=np.uint8)
-        base = self._storage.ctypes.data
-        self._pointers = np.array([base + offset for offset in offsets], dtype=np.uint64)
-        self._params = int(self._pointers.ctypes.data) if offsets else 0
-        # One typed view per argument slot; element 0 is the argument.
-        self._slots = []
-        for param, offset in zip(kernel.signature, offsets):
-            dtype = _SLOT_TYPES[param.kind]
-            count = RANK_ARGS_BYTES if param.kind is ArgKind.RANK else 1
-            self._slots.append(self._storage[offset: offset + count * np.dtype(dtype).itemsize].view(dtype))
-        for slot, value in zip(self._slots, converted):
-            slot[:] = value
-        self._variable = [(self._slots[i], _fast_converter(kernel.signature[i].kind)) for i in variable]
+            cursor += -(-size // _SLOT_BYTES) * (_SLOT_BYTES // 8)
+        self._words = (ctypes.c_uint64 * max(cursor, 2))()
+        base = ctypes.addressof(self._words)
+        self._pointers = (ctypes.c_void_p * max(len(offsets), 1))(*[base + 8 * offset for offset in offsets])
+        self._params = ctypes.addressof(self._pointers) if offsets else 0
+        self._offsets = offsets
+        for param, offset, value in zip(kernel.signature, offsets, converted):
+            raw = bytes(value) if param.kind is ArgKind.RANK else np.asarray(value).tobytes()
+            ctypes.memmove(base + 8 * offset, raw, len(raw))
+        self._variable = tuple(offsets[i] for i in variable)
         self._launch_kernel = driver.cuLaunchKernel
-        self._success = driver.CUresult.CUDA_SUCCESS
 
     def launch(self, *values) -> None:
         """Launch on PyTorch's current stream of the plan's device with the per-call ``values``."""
         self.launch_on(current_stream_handle(self.device_index), *values)
 
     def launch_on(self, stream: int, *values) -> None:
-        """Launch on the raw stream handle ``stream`` with the per-call ``values`` (in the order planned)."""
+        """Launch on the raw stream handle ``stream``; ``values`` are the per-call arguments in the
+        order planned, as ints (use :func:`address` for tensors)."""
         if len(values) != len(self._variable):
             raise ArgumentError(f"{self.kernel.name}: this plan takes {len(self._variable)} per-call arguments, got {len(values)}")
-        for (slot, convert), value in zip(self._variable, values):
-            slot[0] = convert(value)
+        words = self._words
+        for offset, value in zip(self._variable, values):
+            words[offset] = value
         ensure_context(self.device_index)
         (gx, gy, gz), (bx, by, bz) = self._grid, self._block
         (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
-        if err != self._success:
-            raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err})")
+        if err:
+            raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err!r})")
 
     def argument(self, name: str):
-        """The packed value of argument ``name`` (for tests and debugging)."""
+        """The packed value of argument ``name`` (for tests and debugging): bytes for RankArgs, else an int."""
         index = self.kernel._index[name]
-        slot = self._slots[index]
-        return bytes(slot) if self.kernel.signature[index].kind is ArgKind.RANK else slot[0].item()
+        kind = self.kernel.signature[index].kind
+        address_ = ctypes.addressof(self._words) + 8 * self._offsets[index]
+        if kind is ArgKind.RANK:
+            return ctypes.string_at(address_, RANK_ARGS_BYTES)
+        dtype = np.dtype(_SLOT_TYPES[kind])
+        return np.frombuffer(ctypes.string_at(address_, dtype.itemsize), dtype=dtype)[0].item()

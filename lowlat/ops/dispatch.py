@@ -93,9 +93,10 @@ class DispatchOutputs:
             recv_layout_range=torch.zeros(s.num_local_experts, s.num_ranks, dtype=torch.int64, device=device),
         )
 
-    def pointers(self) -> tuple:
-        return tuple(dataclasses.astuple(self))
+    addresses: tuple = dataclasses.field(init=False, repr=False, compare=False)  # data_ptr() of the six, in order
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in dataclasses.astuple(self))
+    def __post_init__(self):
+        object.__setattr__(self, "addresses", tuple(t.data_ptr() for t in self.tensors()))
+
+    def tensors(self) -> tuple:
+        return (self.recv_x, self.recv_scales, self.recv_count, self.recv_src_info, self.recv_src_topk, self.recv_layout_range)

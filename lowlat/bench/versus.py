@@ -1,0 +1,229 @@
+"""``python -m lowlat.bench --baseline deepep``: lowlat next to DeepEP V1's low-latency mode, same run,
+same GPU, same inputs, same DeepEP-signature calls (lowlat through ``lowlat.compat.deep_ep``).
+
+One process, one rank (EP1: every expert is local, nothing crosses a link), DeepEP's test shape by
+default (hidden 7168, 288 experts, top-8, FP8 dispatch, bf16 combine).  For each token count:
+
+* graph: median per call over CUDA-graph replays of ``calls_per_graph`` calls (dispatch alone,
+  combine alone, fused mode), the kernel time;
+* eager step: wall time of one dispatch + combine issued eagerly (fused mode), synchronised every
+  ``steps`` steps, what an engine without graphs sees;
+* host: CPU time of one eager call (the Python + launch path), per mode, measured with the GPU idle
+  enough that the launch queue never blocks.
+
+DeepEP is a benchmark peer only: it is imported if installed (``bench/gpu_check.sh`` builds it on the
+GPU machine from the archive in ``../shared/peers``) and nothing of it is part of lowlat.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .timing import time_replays
+
+LIBRARIES = ("deepep", "lowlat")
+
+
+def _init_single_rank_group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        path = os.path.join(tempfile.mkdtemp(prefix="lowlat-bench-"), "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    return dist.new_group([0])
+
+
+class Session:
+    """One library's Buffer and the static inputs of one token count, driven with DeepEP's calls."""
+
+    def __init__(self, library: str, buffer, *, tokens: int, max_tokens: int, hidden: int, experts: int, topk: int, seed: int):
+        self.library, self.buffer = library, buffer
+        self.tokens, self.max_tokens, self.experts = tokens, max_tokens, experts
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        f32 = dict(dtype=torch.float32, device="cpu")
+        self.x = (torch.randn(tokens, hidden, generator=g, **f32) * 0.1).to(torch.bfloat16).cuda()
+        scores = torch.randn(tokens, experts, generator=g, **f32).abs() + 1
+        topk_idx = torch.topk(scores, topk, dim=-1).indices
+        drop = torch.rand(tokens, topk, generator=g, **f32) < 0.01
+        self.topk_idx = torch.where(drop, -1, topk_idx).cuda()
+        self.topk_weights = torch.rand(tokens, topk, generator=g, **f32).cuda()
+        (data, scales), _, self.handle, _, _ = self.dispatch()
+        # The expert outputs combine sends: the dequantised rows (what an expert GEMM would read).
+        self.y = (data.float().unflatten(-1, (-1, 128)) * scales.float().unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+        torch.cuda.synchronize()
+
+    def dispatch(self, **modes):
+        return self.buffer.low_latency_dispatch(self.x, self.topk_idx, self.max_tokens, self.experts, use_fp8=True, **modes)
+
+    def combine(self, **modes):
+        return self.buffer.low_latency_combine(self.y, self.topk_idx, self.topk_weights, self.handle, **modes)
+
+    def step(self):
+        _, _, handle, _, _ = self.dispatch()
+        self.buffer.low_latency_combine(self.y, self.topk_idx, self.topk_weights, handle)
+
+
+def host_us(call, *, calls: int = 40, repeats: int = 7) -> float:
+    """Median CPU microseconds per call over ``repeats`` bursts of ``calls`` calls (GPU drained
+    between bursts, so the launch queue never fills)."""
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def eager_step_us(step, *, steps: int = 30, repeats: int = 7) -> float:
+    """Median wall microseconds per eager dispatch + combine, ``steps`` steps then a synchronise."""
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / steps * 1e6)
+    return statistics.median(samples)
+
+
+def measure(session: Session, *, rounds: int, calls_per_graph: int) -> dict:
+    def hooked(kind):
+        def call():
+            result = session.dispatch(return_recv_hook=True) if kind == "dispatch" else session.combine(return_recv_hook=True)
+            result[-1]()
+        return call
+
+    def async_call(kind):
+        def call():
+            result = session.dispatch(async_finish=True) if kind == "dispatch" else session.combine(async_finish=True)
+            result[-2].current_stream_wait()
+        return call
+
+    return {
+        "graph_us": {
+            "dispatch": time_replays(session.dispatch, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
+            "combine": time_replays(session.combine, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
+        },
+        "eager_step_us": eager_step_us(session.step),
+        "host_us": {
+            "dispatch": host_us(session.dispatch),
+            "combine": host_us(session.combine),
+            "dispatch_hook": host_us(hooked("dispatch")),
+            "combine_hook": host_us(hooked("combine")),
+            "dispatch_async": host_us(async_call("dispatch")),
+            "combine_async": host_us(async_call("combine")),
+        },
+    }
+
+
+def run(args, env, out) -> int:
+    from . import report
+
+    try:
+        import deep_ep
+    except ImportError as exc:
+        print(f"--baseline deepep: DeepEP is not importable here ({exc}); build it with bench/gpu_check.sh "
+              "(see ../shared/peers/build_deepep.sh). Nothing was measured.")
+        return 2
+    from ..compat import deep_ep as lowlat_deep_ep
+
+    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    group = _init_single_rank_group()
+    hidden, experts, topk = args.hidden, args.experts, args.topk
+    max_tokens = max(args.token_list)
+    print(f"lowlat vs DeepEP V1 on one {env['device']}: EP1 (one rank owns all {experts} experts), hidden {hidden}, top-{topk}, "
+          f"FP8 dispatch, bf16 combine, DeepEP-signature calls, T_max={max_tokens}. Graph: median per call of replays of "
+          f"{args.calls_per_graph} calls; eager step: dispatch + combine issued eagerly; host: CPU us per eager call.")
+    buffers = {
+        "deepep": deep_ep.Buffer(group, num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, 1, experts),
+                                 low_latency_mode=True, num_qps_per_rank=experts, explicitly_destroy=True),
+        "lowlat": lowlat_deep_ep.Buffer(group, num_rdma_bytes=lowlat_deep_ep.Buffer.get_low_latency_rdma_size_hint(
+            max_tokens, hidden, 1, experts), low_latency_mode=True, num_qps_per_rank=experts, explicitly_destroy=True),
+    }
+    points = []
+    for i, tokens in enumerate(args.token_list):
+        point = {"num_tokens": tokens}
+        for library in LIBRARIES:
+            session = Session(library, buffers[library], tokens=tokens, max_tokens=max_tokens, hidden=hidden, experts=experts,
+                              topk=topk, seed=i)
+            point[library] = measure(session, rounds=args.rounds, calls_per_graph=args.calls_per_graph)
+            del session
+        d, l = point["deepep"], point["lowlat"]
+        point["speedup"] = {  # DeepEP time / lowlat time: > 1 means lowlat is faster
+            "graph_dispatch": d["graph_us"]["dispatch"] / l["graph_us"]["dispatch"],
+            "graph_combine": d["graph_us"]["combine"] / l["graph_us"]["combine"],
+            "eager_step": d["eager_step_us"] / l["eager_step_us"],
+        }
+        points.append(point)
+        print(f"  T={tokens}: graph dispatch {l['graph_us']['dispatch']:.1f} vs {d['graph_us']['dispatch']:.1f} us, "
+              f"combine {l['graph_us']['combine']:.1f} vs {d['graph_us']['combine']:.1f} us, eager step "
+              f"{l['eager_step_us']:.1f} vs {d['eager_step_us']:.1f} us (lowlat vs DeepEP)", flush=True)
+    print(table(points))
+    for buffer in buffers.values():
+        buffer.destroy()
+    stem = f"versus-deepep-{env['device'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    record = {"kind": "versus-deepep", "environment": env, "args": vars(args), "points": points,
+              "note": "one process, one rank (EP1), NVSHMEM_REMOTE_TRANSPORT=none for DeepEP; speedup = DeepEP time / lowlat time"}
+    print(f"wrote {report.write_json(out, record, stem)}")
+    plot = _plot(out, points, f"lowlat vs DeepEP V1 on {env['device']} (EP1, H={hidden}, E={experts}, top-{topk})", stem)
+    if plot:
+        print(f"wrote {plot}")
+    return 0
+
+
+def table(points: list[dict]) -> str:
+    head = (f"{'T':>4} | {'graph dispatch':>21} {'graph combine':>21} | {'eager step':>21} | "
+            f"{'host us/call lowlat (DeepEP)':>48}")
+    sub = (f"{'':>4} | {'lowlat':>6} {'DeepEP':>6} {'ratio':>6} {'lowlat':>6} {'DeepEP':>6} {'ratio':>6} | "
+           f"{'lowlat':>6} {'DeepEP':>6} {'ratio':>6} | {'disp':>6} {'comb':>6} {'hook d':>7} {'hook c':>7} {'async d':>8} {'async c':>8}")
+    lines = ["lowlat vs DeepEP V1 (us; ratio = DeepEP / lowlat, > 1: lowlat faster)", head, sub, "-" * len(sub)]
+    for p in points:
+        l, d, s = p["lowlat"], p["deepep"], p["speedup"]
+        h, hd = l["host_us"], d["host_us"]
+        lines.append(
+            f"{p['num_tokens']:>4} | {l['graph_us']['dispatch']:>6.1f} {d['graph_us']['dispatch']:>6.1f} {s['graph_dispatch']:>5.2f}x "
+            f"{l['graph_us']['combine']:>6.1f} {d['graph_us']['combine']:>6.1f} {s['graph_combine']:>5.2f}x | "
+            f"{l['eager_step_us']:>6.1f} {d['eager_step_us']:>6.1f} {s['eager_step']:>5.2f}x | "
+            f"{h['dispatch']:>6.1f} {h['combine']:>6.1f} {h['dispatch_hook']:>7.1f} {h['combine_hook']:>7.1f} "
+            f"{h['dispatch_async']:>8.1f} {h['combine_async']:>8.1f}")
+        lines.append(f"{'':>4} | {'':>21} {'':>21} | {'':>21} | DeepEP: {hd['dispatch']:.1f} {hd['combine']:.1f} "
+                     f"{hd['dispatch_hook']:.1f} {hd['combine_hook']:.1f} {hd['dispatch_async']:.1f} {hd['combine_async']:.1f}")
+    return "\n".join(lines)
+
+
+def _plot(out, points, title, stem):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    tokens = [p["num_tokens"] for p in points]
+    for ax, (label, pick) in zip(axes, (("dispatch (graph)", lambda r: r["graph_us"]["dispatch"]),
+                                         ("combine (graph)", lambda r: r["graph_us"]["combine"]),
+                                         ("eager dispatch + combine", lambda r: r["eager_step_us"]))):
+        for library, style in (("lowlat", "o-"), ("deepep", "s--")):
+            ax.plot(tokens, [pick(p[library]) for p in points], style, label="DeepEP V1" if library == "deepep" else "lowlat")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel("microseconds")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = out / f"{stem}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
