@@ -28,7 +28,7 @@ from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCapture
                      RoutingError, StaleHandleError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
-from .jit.launch import current_stream_handle
+from .jit.launch import context_ready, current_stream_handle, ensure_context
 from .ops.context import KernelConfig, RankContext
 from .outputs import CombineOutput, OutputSet, Pool, capturing_now
 from .streams import EventRing, RawEvent
@@ -86,8 +86,9 @@ def _on_own_device(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         index = self._device_index
-        if index is not None and torch._C._cuda_getDevice() != index:
+        if index is not None and (torch._C._cuda_getDevice() != index or not context_ready(index)):
             with torch.cuda.device(index):
+                ensure_context(index)
                 return method(self, *args, **kwargs)
         return method(self, *args, **kwargs)
 
@@ -287,8 +288,9 @@ class Buffer:
         """``call(*args)`` with this Buffer's device current (the DeepEP facade's way in to the
         positional cores ``_dispatch`` / ``_combine``)."""
         index = self._device_index
-        if index is not None and torch._C._cuda_getDevice() != index:
+        if index is not None and (torch._C._cuda_getDevice() != index or not context_ready(index)):
             with torch.cuda.device(index):
+                ensure_context(index)
                 return call(*args)
         return call(*args)
 
@@ -450,11 +452,7 @@ class Buffer:
             raise ArgumentError(f"{hook.kind} receive hooks must be called in the order their sends were issued")
         pending.popleft()
         hook.done = True
-        if self._device_index is not None and torch._C._cuda_getDevice() != self._device_index:
-            with torch.cuda.device(self._device_index):
-                hook.receive()
-        else:
-            hook.receive()
+        self.run(hook.receive)
         hook.handle = None
         self.check_status()  # after the receive, so an error leaves no hook half-consumed
 

@@ -165,16 +165,19 @@ class CombineOutput(_Reusable):
         self._seal(self.tensor)
 
     def rows(self, n: int) -> torch.Tensor:
-        view = self._rows.get(n)
-        if view is None:  # a new view holds the storage too: count it in the baseline
-            view = self._rows[n] = self.tensor[:n]
-            self._refs[n] = sys.getrefcount(view)
+        if n not in self._rows:  # a new view holds the storage too: count it in the baselines
+            self._rows[n] = self.tensor[:n]
+            self._refs[n] = self._refcount(n)
             self._baseline = _use_count(self._cdata)
-        return view
+        return self._rows[n]
+
+    def _refcount(self, n: int) -> int:
+        # Measured the same way whenever it is measured: the dict's reference plus the argument's.
+        return sys.getrefcount(self._rows[n])
 
     def busy(self) -> bool:
-        for n, view in self._rows.items():
-            if sys.getrefcount(view) != self._refs[n]:
+        for n in self._rows:
+            if self._refcount(n) != self._refs[n]:
                 return True
         return _use_count(self._cdata) != self._baseline
 

@@ -20,8 +20,12 @@ def tensor(name: str, value, dtypes: tuple[torch.dtype, ...], shape: tuple | Non
         if shape is None:
             if ndim is None or len(actual) == ndim:
                 return value
-        elif len(actual) == len(shape) and all(w is None or a == w for a, w in zip(actual, shape)):
-            return value
+        elif len(actual) == len(shape):
+            if None not in shape:
+                if actual == shape:
+                    return value
+            elif all(w is None or a == w for a, w in zip(actual, shape)):
+                return value
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:

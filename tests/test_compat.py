@@ -73,6 +73,28 @@ def test_fresh_outputs_never_alias_a_held_result():
     assert out1.data_ptr() != out2.data_ptr() and torch.equal(out2.float(), 2 * out1.float())
 
 
+def test_pools_reuse_what_the_caller_dropped_and_grow_only_for_what_it_holds():
+    b = facade_group(1)[0]
+    x = torch.zeros(T, H, dtype=torch.bfloat16, device="cpu")
+    topk = torch.tensor([[0, 1, 2]] * T, dtype=torch.int64, device="cpu")
+    w = torch.ones(T, K, dtype=torch.float32, device="cpu")
+    y = torch.zeros(E, T, H, dtype=torch.bfloat16, device="cpu")
+    handle = b.low_latency_dispatch(x, topk, T, E)[2]
+    inner = b._buffers[(T, H, E, K)]
+    for _ in range(10):  # results dropped at once: the same sets serve every call
+        b.low_latency_dispatch(x, topk, T, E)
+        b.low_latency_combine(y, topk, w, handle)
+    assert len(inner._output_pool.items) == 2 and len(inner._combine_pool.items) == 2
+    held = [b.low_latency_combine(y, topk, w, handle)[0] for _ in range(4)]
+    held_x = [b.low_latency_dispatch(x, topk, T, E)[0] for _ in range(3)]
+    assert len(inner._combine_pool.items) == 4 and len(inner._output_pool.items) == 4  # 3 results + the live handle
+    rows = held[0][1:]  # something derived from a result keeps it in use too
+    del held, held_x
+    b.low_latency_combine(y, topk, w, handle)
+    assert len(inner._combine_pool.items) == 4
+    assert rows.data_ptr() not in {c.tensor.data_ptr() + H * 2 for c in inner._combine_pool.items if not c.busy()}
+
+
 def test_native_static_outputs_raise_on_a_stale_handle():
     import lowlat
     b = lowlat.Buffer.local_group(1, device="cpu", max_tokens_per_rank=T, hidden=H, num_experts=E, num_topk=K)[0]

@@ -20,6 +20,8 @@ class KernelEngine(Engine):
     def __init__(self, ctx: RankContext):
         self.ctx = ctx
         self._ready = False
+        self._device_index = ctx.device_index
+        self._current_stream = current_stream_handle
 
     def specs(self):
         config = self.ctx.config
@@ -37,7 +39,7 @@ class KernelEngine(Engine):
         self._ready = True
 
     def _stream(self, stream):
-        return current_stream_handle(self.ctx.device_index) if stream is None else stream
+        return self._current_stream(self._device_index) if stream is None else stream
 
     def dispatch_send(self, x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream=None):
         plan = self._dispatch_send[use_fp8, topk_idx.dtype is torch.int64]

@@ -52,6 +52,11 @@ def current_stream_handle(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
+def context_ready(device_index: int) -> bool:
+    """Whether :func:`ensure_context` already ran for ``device_index`` on this thread (cheap)."""
+    return getattr(_thread_state, "device", None) == device_index
+
+
 def address(value: Any) -> int:
     """A pointer argument: a tensor's address, an int address, or None (null)."""
     if value is None:
@@ -204,17 +209,18 @@ class LaunchPlan:
 
     def launch(self, *values) -> None:
         """Launch on PyTorch's current stream of the plan's device with the per-call ``values``."""
+        ensure_context(self.device_index)
         self.launch_on(current_stream_handle(self.device_index), *values)
 
     def launch_on(self, stream: int, *values) -> None:
         """Launch on the raw stream handle ``stream``; ``values`` are the per-call arguments in the
-        order planned, as ints (use :func:`address` for tensors)."""
+        order planned, as ints (use :func:`address` for tensors).  The caller has made the device's
+        context current on this thread (:func:`ensure_context`; a Buffer does it once per call)."""
         if len(values) != len(self._variable):
             raise ArgumentError(f"{self.kernel.name}: this plan takes {len(self._variable)} per-call arguments, got {len(values)}")
         words = self._words
         for offset, value in zip(self._variable, values):
             words[offset] = value
-        ensure_context(self.device_index)
         (gx, gy, gz), (bx, by, bz) = self._grid, self._block
         (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
         if err:
