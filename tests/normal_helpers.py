@@ -147,7 +147,7 @@ def check_dispatch(results, refs, *, fp8, with_topk=True, num_worst_tokens=0):
             assert recv_topk_idx is None and recv_topk_weights is None
 
 
-def expert_outputs(results, refs, *, fp8, seed=0):
+def expert_outputs(results, refs, *, fp8):
     """Per-rank bf16 [rows, H] combine inputs: the received tokens (dequantised for FP8) scaled by a
     per-rank factor, with NaN in the padding rows (which combine must ignore)."""
     ys = []
@@ -167,3 +167,73 @@ def check_combine(outputs, expected):
             assert out_weights is None, f"rank {rank}: combine without topk_weights must return None weights"
         else:
             assert_same("combined_topk_weights", rank, out_weights, want_weights)
+
+
+def make_biases(inputs, hidden, count, *, seed=0):
+    """``count`` (0, 1 or 2) bf16 [n, hidden] bias tensors per rank, on the inputs' device."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    return [tuple((torch.randn(i.num_tokens, hidden, generator=g) * 0.1).to(torch.bfloat16).to(i.x.device) for _ in range(count))
+            for i in inputs]
+
+
+def round_trip(buffers, inputs, *, fp8=False, with_topk=True, use_layout=True, expert_alignment=1, num_worst_tokens=0,
+               num_biases=0, cached=False, async_finish=False, previous_event=False, seed=0):
+    """One dispatch (plus, with ``cached``, a cached re-dispatch) and one combine over every rank,
+    each checked bit for bit against lowlat.reference.  Returns ``(dispatch results, combine outputs)``."""
+    s = buffers[0].shape
+
+    def finish(out):
+        if async_finish:
+            out[-1].current_stream_wait()
+        return out
+
+    def dispatch(r, b):
+        i = inputs[r]
+        kwargs = {}
+        if use_layout:
+            per_rank, per_expert, in_rank, _ = b.get_dispatch_layout(i.topk_idx, s.num_experts)
+            kwargs.update(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        if with_topk:
+            kwargs.update(topk_idx=i.topk_idx, topk_weights=i.topk_weights)
+        x = (i.x_fp8, i.x_scales) if fp8 else i.x
+        return finish(b.dispatch(x, expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, async_finish=async_finish,
+                                 previous_event=b.capture() if previous_event else None, **kwargs))
+
+    results = run_ranks(buffers, dispatch)
+    for b in buffers:
+        b.check_status()
+    refs = reference_dispatch(inputs, s.num_experts, fp8=fp8, with_topk=with_topk, expert_alignment=expert_alignment)
+    check_dispatch(results, refs, fp8=fp8, with_topk=with_topk, num_worst_tokens=num_worst_tokens)
+
+    if cached:  # the handle's layout again: same rows, no routing arguments, no host synchronisation
+        def again(r, b):
+            x = (inputs[r].x_fp8, inputs[r].x_scales) if fp8 else inputs[r].x
+            return finish(b.dispatch(x, handle=results[r][4], async_finish=async_finish))
+
+        for rank, (first, second, ref) in enumerate(zip(results, run_ranks(buffers, again), refs)):
+            assert second[1] is None and second[2] is None and second[3] is None, f"rank {rank}: a cached dispatch returns no top-k"
+            assert second[4] is first[4], f"rank {rank}: a cached dispatch returns the handle it was given"
+            rows = ref.recv_x.shape[0]
+            for name, a, b in (("recv_x", first[0], second[0]),) if not fp8 else (("recv_x", first[0][0], second[0][0]),
+                                                                                   ("scales", first[0][1], second[0][1])):
+                assert a.shape == b.shape, f"rank {rank}: cached {name} has shape {tuple(b.shape)}, first {tuple(a.shape)}"
+                assert_same(f"cached {name}", rank, b[:rows], a[:rows])
+
+    ys = expert_outputs(results, refs, fp8=fp8)
+    biases = make_biases(inputs, s.hidden, num_biases, seed=seed)
+
+    def combine(r, b):
+        bias = {0: None, 1: biases[r][0] if num_biases else None, 2: biases[r]}[num_biases]  # every form combine accepts
+        return finish(b.combine(ys[r], results[r][4], topk_weights=results[r][2] if with_topk else None, bias=bias,
+                                async_finish=async_finish, previous_event=b.capture() if previous_event else None))
+
+    outs = run_ranks(buffers, combine)
+    for b in buffers:
+        b.check_status()
+    counts = [ref.recv_x.shape[0] for ref in refs]
+    expected = reference.reference_normal_combine(
+        [y[:c].cpu() for y, c in zip(ys, counts)], refs, [i.num_tokens for i in inputs],
+        topk_weights=[res[2][:c].cpu() for res, c in zip(results, counts)] if with_topk else None,
+        biases=[tuple(b.cpu() for b in bs) for bs in biases])
+    check_combine(outs, expected)
+    return results, outs
