@@ -75,15 +75,17 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_combine_recv(__nv_
         const unsigned ranks = __ballot_sync(kFullMask, present);
         const uint8_t* row = present ? peers.local(Reg::row(parity, lane, position)) : nullptr;
         const long long first = static_cast<long long>(token) * H;
-        for (int c = lane * 8; c < H; c += 256) {
+        for (int base = 0; base < H; base += 256) {  // warp-uniform: the shuffles below need every lane
+            const int c = base + lane * 8;
+            const bool active = c < H;  // the upper half-warp idles on a trailing 128-channel group
             float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            if (bias_0 != nullptr) add_bf16x8(acc, __ldg(reinterpret_cast<const int4*>(bias_0 + first + c)));
-            if (bias_1 != nullptr) add_bf16x8(acc, __ldg(reinterpret_cast<const int4*>(bias_1 + first + c)));
+            if (active && bias_0 != nullptr) add_bf16x8(acc, __ldg(reinterpret_cast<const int4*>(bias_0 + first + c)));
+            if (active && bias_1 != nullptr) add_bf16x8(acc, __ldg(reinterpret_cast<const int4*>(bias_1 + first + c)));
             for (unsigned mask = ranks; mask != 0; mask &= mask - 1) {
                 const auto* src = reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uint64_t>(row), __ffs(mask) - 1));
-                add_bf16x8(acc, ld_cg(reinterpret_cast<const int4*>(src + 2 * c)));
+                if (active) add_bf16x8(acc, ld_cg(reinterpret_cast<const int4*>(src + 2 * c)));
             }
-            *reinterpret_cast<int4*>(out + first + c) = pack_bf16x8(acc);
+            if (active) *reinterpret_cast<int4*>(out + first + c) = pack_bf16x8(acc);
         }
         // Weights: lane k sums slot k over the same ranks in the same order.
         float weight = 0.0f;

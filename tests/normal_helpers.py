@@ -4,6 +4,7 @@ against lowlat.reference's normal-mode ground truth."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -58,9 +59,10 @@ def make_inputs(num_ranks, max_tokens, hidden, num_experts, num_topk, *, seed=0,
     return inputs
 
 
-def run_ranks(buffers, call):
+def run_ranks(buffers, call, *, context=None):
     """Run ``call(rank, buffer)`` for every rank concurrently: one host thread per rank (a dispatch
-    without num_worst_tokens waits on the host for its counts), each rank on its own stream on a GPU.
+    without num_worst_tokens waits on the host for its counts), each rank on its own stream on a GPU,
+    inside ``context()`` when given (a thread-local context such as ``torch.device('cuda')``).
     Returns the results in rank order; re-raises the first error."""
     results, errors = [None] * len(buffers), []
     cuda = buffers[0].device.type == "cuda"
@@ -71,11 +73,9 @@ def run_ranks(buffers, call):
 
     def work(rank, buffer):
         try:
-            if cuda:
-                with torch.cuda.stream(buffer.get_comm_stream()):
+            with context() if context is not None else contextlib.nullcontext():
+                with torch.cuda.stream(buffer.get_comm_stream()) if cuda else contextlib.nullcontext():
                     results[rank] = call(rank, buffer)
-            else:
-                results[rank] = call(rank, buffer)
         except BaseException as exc:  # surfaced below, with its rank
             errors.append((rank, exc))
 
@@ -177,7 +177,7 @@ def make_biases(inputs, hidden, count, *, seed=0):
 
 
 def round_trip(buffers, inputs, *, fp8=False, with_topk=True, use_layout=True, expert_alignment=1, num_worst_tokens=0,
-               num_biases=0, cached=False, async_finish=False, previous_event=False, seed=0):
+               num_biases=0, cached=False, async_finish=False, previous_event=False, seed=0, context=None):
     """One dispatch (plus, with ``cached``, a cached re-dispatch) and one combine over every rank,
     each checked bit for bit against lowlat.reference.  Returns ``(dispatch results, combine outputs)``."""
     s = buffers[0].shape
@@ -199,7 +199,7 @@ def round_trip(buffers, inputs, *, fp8=False, with_topk=True, use_layout=True, e
         return finish(b.dispatch(x, expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, async_finish=async_finish,
                                  previous_event=b.capture() if previous_event else None, **kwargs))
 
-    results = run_ranks(buffers, dispatch)
+    results = run_ranks(buffers, dispatch, context=context)
     for b in buffers:
         b.check_status()
     refs = reference_dispatch(inputs, s.num_experts, fp8=fp8, with_topk=with_topk, expert_alignment=expert_alignment)
@@ -210,7 +210,7 @@ def round_trip(buffers, inputs, *, fp8=False, with_topk=True, use_layout=True, e
             x = (inputs[r].x_fp8, inputs[r].x_scales) if fp8 else inputs[r].x
             return finish(b.dispatch(x, handle=results[r][4], async_finish=async_finish))
 
-        for rank, (first, second, ref) in enumerate(zip(results, run_ranks(buffers, again), refs)):
+        for rank, (first, second, ref) in enumerate(zip(results, run_ranks(buffers, again, context=context), refs)):
             assert second[1] is None and second[2] is None and second[3] is None, f"rank {rank}: a cached dispatch returns no top-k"
             assert second[4] is first[4], f"rank {rank}: a cached dispatch returns the handle it was given"
             rows = ref.recv_x.shape[0]
@@ -227,7 +227,7 @@ def round_trip(buffers, inputs, *, fp8=False, with_topk=True, use_layout=True, e
         return finish(b.combine(ys[r], results[r][4], topk_weights=results[r][2] if with_topk else None, bias=bias,
                                 async_finish=async_finish, previous_event=b.capture() if previous_event else None))
 
-    outs = run_ranks(buffers, combine)
+    outs = run_ranks(buffers, combine, context=context)
     for b in buffers:
         b.check_status()
     counts = [ref.recv_x.shape[0] for ref in refs]

@@ -324,3 +324,15 @@ def test_configs_and_region_size_up_front():
     size = NormalBuffer.region_bytes(num_ranks=8, hidden=7168, num_experts=256, max_tokens_per_rank=4096, max_topk=8)
     assert size == region_bytes(num_ranks=8, hidden=7168, num_experts=256, max_tokens_per_rank=4096, max_topk=8)
     assert size >= 2 * 8 * 4096 * (2 * 7168 + 4 * 56) and size % 2**21 == 0
+
+
+def test_bf16_default_dtype_changes_nothing():
+    """Every tensor the library creates names its dtype (engines run under a bf16 default)."""
+    buffers = cpu_group(2)
+    inputs = inputs_for(2, seed=77)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        round_trip(buffers, inputs, fp8=True, num_worst_tokens=25, num_biases=1)
+    finally:
+        torch.set_default_dtype(previous)
