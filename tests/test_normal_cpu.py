@@ -336,3 +336,24 @@ def test_bf16_default_dtype_changes_nothing():
         round_trip(buffers, inputs, fp8=True, num_worst_tokens=25, num_biases=1)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_bench_without_gpu_checks_against_the_reference(capsys):
+    from lowlat.bench import normal as bench
+
+    assert bench.main(["--ranks", "2", "--experts", "16", "--hidden", "256", "--topk", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "correct: " in out and "bit-exact vs lowlat.reference" in out and "no timings are taken" in out
+
+
+def test_bench_torch_reference_matches_the_reference():
+    from lowlat.bench.normal import TorchNormal, Workload
+
+    work = Workload(4, 16, 256, 32, 4, "cpu", seed=1)
+    baseline = TorchNormal(work, 32, fp8=True)
+    baseline.dispatch()
+    refs = reference.reference_normal_dispatch(work.x_fp8, work.topk_idx, num_experts=32, x_scales=work.x_scales,
+                                               topk_weights=work.topk_weights)
+    assert torch.equal(baseline.recv, torch.cat([r.recv_x.view(torch.uint8) for r in refs]))
+    assert torch.equal(baseline.recv_scales, torch.cat([r.recv_scales for r in refs]))
+    assert torch.equal(baseline.recv_topk, torch.cat([r.recv_topk_idx for r in refs]))
