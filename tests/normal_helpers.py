@@ -147,17 +147,18 @@ def check_dispatch(results, refs, *, fp8, with_topk=True, num_worst_tokens=0):
             assert recv_topk_idx is None and recv_topk_weights is None
 
 
+def expert_output(rank, recv_x, num_recv, *, fp8):
+    """Rank ``rank``'s bf16 [rows, H] combine input: its received tokens (dequantised for FP8) times
+    1 + rank / 4, with NaN in the padding rows past ``num_recv`` (which combine must ignore)."""
+    data = formats.dequantize_fp8(recv_x[0].cpu(), recv_x[1].cpu()) if fp8 else recv_x.cpu().float()
+    y = (data * (1.0 + 0.25 * rank)).to(torch.bfloat16)
+    y[num_recv:] = float("nan")
+    return y.to(recv_x[0].device if fp8 else recv_x.device)
+
+
 def expert_outputs(results, refs, *, fp8):
-    """Per-rank bf16 [rows, H] combine inputs: the received tokens (dequantised for FP8) scaled by a
-    per-rank factor, with NaN in the padding rows (which combine must ignore)."""
-    ys = []
-    for rank, (result, ref) in enumerate(zip(results, refs)):
-        recv_x = result[0]
-        data = formats.dequantize_fp8(recv_x[0].cpu(), recv_x[1].cpu()) if fp8 else recv_x.cpu().float()
-        y = (data * (1.0 + 0.25 * rank)).to(torch.bfloat16)
-        y[ref.recv_x.shape[0]:] = float("nan")
-        ys.append(y.to(recv_x[0].device if fp8 else recv_x.device))
-    return ys
+    """Every rank's combine input (see expert_output)."""
+    return [expert_output(rank, result[0], ref.recv_x.shape[0], fp8=fp8) for rank, (result, ref) in enumerate(zip(results, refs))]
 
 
 def check_combine(outputs, expected):

@@ -357,3 +357,11 @@ def test_bench_torch_reference_matches_the_reference():
     assert torch.equal(baseline.recv, torch.cat([r.recv_x.view(torch.uint8) for r in refs]))
     assert torch.equal(baseline.recv_scales, torch.cat([r.recv_scales for r in refs]))
     assert torch.equal(baseline.recv_topk, torch.cat([r.recv_topk_idx for r in refs]))
+
+
+def test_ipc_test_logic_on_cpu_ranks():
+    """test_gpu_normal_ipc.py's per-rank exercise, run by host threads on virtual CPU ranks."""
+    from test_gpu_normal_ipc import SHAPE as IPC_SHAPE, WORLD, exercise
+
+    buffers = NormalBuffer.local_group(WORLD, device="cpu", timeout_s=5.0, **IPC_SHAPE)
+    run_ranks(buffers, exercise)

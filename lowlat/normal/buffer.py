@@ -537,6 +537,11 @@ class NormalBuffer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def destroy(self) -> None:
+        """Release the transport (collective for ``ipc``: every rank calls it)."""
+        self.transport.barrier()
+        self.transport.close()
+
     def capture(self) -> EventOverlap:
         """An event recorded on the current stream now (DeepEP's ``Buffer.capture``)."""
         if self.device.type != "cuda":
