@@ -164,8 +164,10 @@ class TorchNormal:
         self.y = torch.zeros(self.num_rows, H, dtype=torch.bfloat16, device=self.topk.device)
         self.out = torch.empty(R * T, H, dtype=torch.bfloat16, device=self.topk.device)
 
+    static = True  # nonzero_static (capturable); False: plain nonzero (synchronises; eager timing only)
+
     def dispatch(self) -> None:
-        idx = torch.nonzero_static(self.flags, size=self.num_rows)
+        idx = torch.nonzero_static(self.flags, size=self.num_rows) if self.static else self.flags.nonzero()
         dst, src = idx[:, 0], idx[:, 1]
         self.recv = self.rows.index_select(0, src)
         if self.scales is not None:
@@ -224,14 +226,17 @@ def _time_concurrent(buffers, step, rounds: int, calls_per_graph: int) -> float:
 def _time_torch(baseline: TorchNormal, rounds: int, time_replays) -> tuple[float, float, str]:
     """The torch reference's dispatch and combine times: graph replays, or eager CUDA-event timing if
     this torch cannot capture ``nonzero_static`` on the GPU (the note says which)."""
-    baseline.dispatch()
-    torch.cuda.synchronize()
     try:
+        baseline.dispatch()
+        torch.cuda.synchronize()
         return (time_replays(baseline.dispatch, rounds=rounds, calls_per_graph=2).median_us,
                 time_replays(baseline.combine, rounds=rounds, calls_per_graph=2).median_us,
                 "torch reference: all ranks at once on this GPU, captured in a CUDA graph")
     except RuntimeError as exc:
-        note = f"torch reference: eager (graph capture failed: {str(exc).splitlines()[0][:120]})"
+        note = f"torch reference: eager, timed with events (graph path failed: {str(exc).splitlines()[0][:120]})"
+        baseline.static = False
+        baseline.dispatch()
+        torch.cuda.synchronize()
     times = []
     for fn in (baseline.dispatch, baseline.combine):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
