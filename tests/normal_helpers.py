@@ -12,9 +12,6 @@ import torch
 
 from lowlat import formats, reference
 
-ROUTINGS = ("random", "nowhere", "one_rank", "zero_tokens_rank", "partial")
-
-
 @dataclasses.dataclass
 class NormalInputs:
     x: torch.Tensor  # bf16 [n, H]

@@ -160,8 +160,8 @@ def test_standard_prefill_shape():
     shape = dict(hidden=7168, num_experts=256, max_tokens_per_rank=256, max_topk=8)
     buffers = gpu_group(8, **shape)
     inputs = inputs_for(8, shape, num_topk=8, seed=5)
-    first, outs = round_trip(buffers, inputs, fp8=True, cached=True)
-    again, outs_again = round_trip(buffers, inputs, fp8=True)
+    _, outs = round_trip(buffers, inputs, fp8=True, cached=True)
+    _, outs_again = round_trip(buffers, inputs, fp8=True)
     for a, b in zip(outs, outs_again):  # repeated runs: identical bytes
         assert_same("repeated combined_x", 0, a[0], b[0])
     round_trip(buffers, inputs, fp8=False, num_worst_tokens=8 * 256, num_biases=2)

@@ -16,9 +16,11 @@ emulated engine), at a reduced size, and no timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,8 +74,6 @@ class Workload:
 def check(buffers: list[NormalBuffer], work: Workload, fp8: bool, tokens: int) -> str:
     """One dispatch (sizes synchronised with the host) and combine of ``tokens`` tokens per rank, run
     concurrently (a host thread per rank), compared with lowlat.reference bit for bit."""
-    import threading
-
     R = len(buffers)
     E = buffers[0].shape.num_experts
     results, outs, errors = [None] * R, [None] * R, []
@@ -87,7 +87,7 @@ def check(buffers: list[NormalBuffer], work: Workload, fp8: bool, tokens: int) -
         def work_of(rank):
             try:
                 stream = buffers[rank].get_comm_stream() if cuda else None
-                with torch.cuda.stream(stream) if cuda else _null():
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                     fn(rank)
             except BaseException as exc:
                 errors.append(exc)
@@ -134,12 +134,6 @@ def check(buffers: list[NormalBuffer], work: Workload, fp8: bool, tokens: int) -
             raise AssertionError(f"rank {r}: combined tokens differ from lowlat.reference")
     return (f"correct: {rows} dispatched rows and {R * tokens} combined tokens bit-exact vs lowlat.reference "
             f"(R={R}, {tokens} tokens per rank, {'fp8' if fp8 else 'bf16'} dispatch)")
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class TorchNormal:
