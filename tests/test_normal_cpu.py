@@ -365,3 +365,27 @@ def test_ipc_test_logic_on_cpu_ranks():
 
     buffers = NormalBuffer.local_group(WORLD, device="cpu", timeout_s=5.0, **IPC_SHAPE)
     run_ranks(buffers, exercise)
+
+
+def test_one_region_hosts_a_low_latency_buffer_and_a_normal_buffer():
+    """The facade's layout: a low-latency Buffer at offset 0 and a NormalBuffer after it in the same
+    transport region; interleaved calls of both stay correct."""
+    import helpers
+    import lowlat
+    from lowlat.layout import BufferShape, RegionLayout
+    from lowlat.transport.local import LocalWorld
+
+    ll_shape = dict(max_tokens_per_rank=6, hidden=256, num_experts=16, num_topk=3)
+    ll_bytes = RegionLayout.of(BufferShape(2, 16, 3, 256, 6)).total_bytes
+    normal_bytes = NormalBuffer.region_bytes(num_ranks=2, **SHAPE)
+    world = LocalWorld(2, ll_bytes + normal_bytes, "cpu")
+    ll = [lowlat.Buffer(world.transport(r), timeout_s=2.0, **ll_shape) for r in range(2)]
+    normal = [NormalBuffer(world.transport(r), timeout_s=2.0, region_offset=ll_bytes, **SHAPE) for r in range(2)]
+    for step in range(2):
+        ll_inputs = helpers.make_inputs(2, 6, 256, 16, 3, seed=step)
+        # Low-latency sends land in the peers' regions; a whole normal round trip runs before the receives.
+        sent = [b.low_latency_dispatch(i.x, i.topk_idx, return_recv_hook=True) for b, i in zip(ll, ll_inputs)]
+        round_trip(normal, inputs_for(2, seed=step), fp8=bool(step), num_biases=1)
+        for result in sent:
+            result[-1]()
+        helpers.check_dispatch(sent, helpers.reference_for(ll_inputs, 16, 6, use_fp8=True), use_fp8=True)
