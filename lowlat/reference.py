@@ -304,7 +304,7 @@ def reference_normal_layout(topk_idx: Tensor, num_experts: int, num_ranks: int) 
     valid = topk >= 0
     per_expert = torch.bincount(topk[valid], minlength=num_experts).to(torch.int32)
     owner = torch.where(valid, topk // num_local, num_ranks)  # num_ranks = "nowhere"
-    in_rank = torch.zeros(topk.shape[0], num_ranks + 1, dtype=torch.bool)
+    in_rank = torch.zeros(topk.shape[0], num_ranks + 1, dtype=torch.bool, device=topk.device)
     in_rank.scatter_(1, owner, True)
     in_rank = in_rank[:, :num_ranks].contiguous()
     return in_rank.sum(0).to(torch.int32), per_expert, in_rank
@@ -345,7 +345,7 @@ def reference_normal_dispatch(xs: Sequence[Tensor], topk_idxs: Sequence[Tensor] 
     results = []
     for rank in range(num_ranks):
         rows = {"x": [], "scales": [], "topk": [], "weights": [], "src": [], "src_rank": []}
-        per_expert = torch.zeros(num_local, dtype=torch.int64)
+        per_expert = torch.zeros(num_local, dtype=torch.int64, device=xs[0].device)
         for s in range(num_ranks):
             tokens = is_token_in_ranks[s][:, rank].nonzero().flatten()
             rows["x"].append(xs[s][tokens])
@@ -397,10 +397,10 @@ def reference_normal_combine(xs: Sequence[Tensor], dispatches: Sequence[NormalRe
     num_topk = topk_weights[0].shape[1] if topk_weights is not None else 0
     results = []
     for s, n in enumerate(num_tokens):
-        acc = torch.zeros(n, hidden, dtype=torch.float32)
+        acc = torch.zeros(n, hidden, dtype=torch.float32, device=xs[0].device)
         for bias in (biases[s] if biases is not None else ()):
             acc = acc + bias.float()
-        weights = torch.zeros(n, num_topk, dtype=torch.float32)
+        weights = torch.zeros(n, num_topk, dtype=torch.float32, device=xs[0].device)
         for r in range(num_ranks):
             mine = (dispatches[r].recv_src_rank == s).nonzero().flatten()
             tokens = dispatches[r].recv_src_idx[mine].long()

@@ -184,7 +184,7 @@ class NormalBuffer:
             rank=self.rank,
             peer_bases=(self.transport.peer_bases + region_offset).contiguous(),
             state=torch.zeros(NormalWord.NUM_WORDS, dtype=torch.int64, device=self.device),
-            status=torch.zeros(1, dtype=torch.int64, pin_memory=cuda),  # written by kernels, read without a sync
+            status=torch.zeros(1, dtype=torch.int64, device="cpu", pin_memory=cuda),  # written by kernels, read without a sync
             timeout_ns=int(self.timeout_s * 1e9),
             num_blocks=self._blocks(None),
         )

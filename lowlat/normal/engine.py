@@ -19,6 +19,7 @@ from .layout import NormalLayout, NormalStatus, NormalWord
 from .ops import NormalKernels, launch
 
 _POLL_SECONDS = 50e-6
+_CPU = torch.device("cpu")  # the emulated engine runs on CPU tensors only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ class EmulatedNormalEngine:
 
     def _field(self, rows: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         """Typed view-copy of ``count`` elements of ``dtype`` at byte ``start`` of each row."""
-        size = torch.tensor([], dtype=dtype).element_size()
+        size = dtype.itemsize
         return rows[..., start: start + count * size].contiguous().view(dtype)
 
     # -- protocol helpers ---------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class EmulatedNormalEngine:
         valid = topk >= 0
         num_tokens_per_expert += torch.bincount(topk[valid], minlength=s.num_experts).to(torch.int32)
         owner = torch.where(valid, topk // s.num_local_experts, s.num_ranks)
-        in_rank = torch.zeros(topk.shape[0], s.num_ranks + 1, dtype=torch.bool).scatter_(1, owner, True)[:, : s.num_ranks]
+        in_rank = torch.zeros(topk.shape[0], s.num_ranks + 1, dtype=torch.bool, device=_CPU).scatter_(1, owner, True)[:, : s.num_ranks]
         is_token_in_rank.copy_(in_rank)
         num_tokens_per_rank += in_rank.sum(0).to(torch.int32)
 
@@ -221,7 +222,7 @@ class EmulatedNormalEngine:
             if topk is not None:
                 k = topk.shape[1]
                 rows[positions, lay.topk: lay.topk + 4 * k] = topk[tokens].to(torch.int32).view(torch.uint8)
-                weights = topk_weights[tokens] if topk_weights is not None else torch.zeros(len(tokens), k, dtype=torch.float32)
+                weights = topk_weights[tokens] if topk_weights is not None else torch.zeros(len(tokens), k, dtype=torch.float32, device=_CPU)
                 rows[positions, lay.weights: lay.weights + 4 * k] = weights.contiguous().view(torch.uint8)
             rows[positions, lay.source: lay.source + 4] = tokens.to(torch.int32).view(-1, 1).view(torch.uint8)
             counts = self._counts(dst, parity)[me]
@@ -234,7 +235,7 @@ class EmulatedNormalEngine:
         s = self.shape
         seq = self._seq()
         parity = seq & 1
-        ok = torch.tensor(self._wait_sources(parity, seq + 1), dtype=torch.int32)
+        ok = torch.tensor(self._wait_sources(parity, seq + 1), dtype=torch.int32, device=_CPU)
         counts = self._counts(self.ctx.rank, parity) * ok.view(-1, 1)  # [src, R + L]
         rank_prefix_matrix.copy_(torch.cumsum(counts[:, : s.num_ranks], dim=0))
         per_expert = counts[:, s.num_ranks:].sum(0)
@@ -297,12 +298,12 @@ class EmulatedNormalEngine:
         parity = seq & 1
         ok = self._wait_sources(parity, seq + 1)
         n = out.shape[0]
-        acc = torch.zeros(n, s.hidden, dtype=torch.float32)
+        acc = torch.zeros(n, s.hidden, dtype=torch.float32, device=_CPU)
         for bias in (bias_0, bias_1):
             if bias is not None:
                 acc = acc + bias.float()
         k = out_weights.shape[1] if out_weights is not None else 0
-        weights = torch.zeros(n, k, dtype=torch.float32)
+        weights = torch.zeros(n, k, dtype=torch.float32, device=_CPU)
         for src in range(s.num_ranks):
             present = (send_pos[:, src] >= 0) & ok[src]
             tokens = present.nonzero().flatten()
