@@ -189,11 +189,12 @@ def test_explicit_config_and_small_grids():
 
 def test_default_device_and_dtype():
     """Engines call the library under torch.set_default_device('cuda') and a bf16 default dtype."""
-    buffers = gpu_group(2, **SMALL)
     inputs = inputs_for(2, SMALL, seed=31)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
+        with torch.device(DEVICE):  # construction too
+            buffers = NormalBuffer.local_group(2, device=DEVICE, timeout_s=5.0, **SMALL)
         round_trip(buffers, inputs, fp8=True, num_biases=2, cached=True, context=lambda: torch.device(DEVICE))
         round_trip(buffers, inputs, fp8=False, num_worst_tokens=96, context=lambda: torch.device(DEVICE))
     finally:
