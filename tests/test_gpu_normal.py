@@ -224,3 +224,44 @@ def test_a_missing_peer_times_out_and_nothing_hangs():
     for b in buffers:
         b.reset()
     round_trip(buffers, inputs_for(2, SMALL, seed=6))
+
+
+def test_capturing_a_synchronising_dispatch_is_refused_before_any_work():
+    if DEVICE != "cuda":
+        pytest.skip("graph capture needs CUDA")
+    from lowlat.errors import GraphCaptureError
+
+    (buffer,) = gpu_group(1, **SMALL)
+    x = torch.zeros(4, SMALL["hidden"], dtype=torch.bfloat16, device="cuda")
+    topk = torch.zeros(4, 2, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(GraphCaptureError, match="pass num_worst_tokens"):
+        with torch.cuda.graph(graph, stream=stream):
+            buffer.dispatch(x, topk_idx=topk)
+    torch.cuda.synchronize()
+    round_trip([buffer], inputs_for(1, SMALL, seed=41))  # the buffer is unharmed
+
+
+def test_one_region_hosts_a_low_latency_buffer_and_a_normal_buffer():
+    """A low-latency Buffer at offset 0 and a NormalBuffer after it in the same regions; a whole normal
+    round trip runs between the low-latency sends and their receives."""
+    import helpers
+    import lowlat
+    from lowlat.layout import BufferShape, RegionLayout
+    from lowlat.transport.local import LocalWorld
+
+    ll_bytes = RegionLayout.of(BufferShape(2, 32, 4, 512, 16)).total_bytes
+    world = LocalWorld(2, ll_bytes + NormalBuffer.region_bytes(num_ranks=2, **SMALL), DEVICE)
+    ll = [lowlat.Buffer(world.transport(r), max_tokens_per_rank=16, hidden=512, num_experts=32, num_topk=4, timeout_s=5.0)
+          for r in range(2)]
+    normal = [NormalBuffer(world.transport(r), timeout_s=5.0, region_offset=ll_bytes, **SMALL) for r in range(2)]
+    for step in range(2):
+        ll_inputs = helpers.make_inputs(2, 16, 512, 32, 4, seed=step, device=DEVICE)
+        sent = [b.low_latency_dispatch(i.x, i.topk_idx, return_recv_hook=True) for b, i in zip(ll, ll_inputs)]
+        round_trip(normal, inputs_for(2, SMALL, seed=step), fp8=bool(step), num_biases=1)
+        for result in sent:
+            result[-1]()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        helpers.check_dispatch(sent, helpers.reference_for(ll_inputs, 32, 16, use_fp8=True), use_fp8=True)
