@@ -389,3 +389,21 @@ def test_one_region_hosts_a_low_latency_buffer_and_a_normal_buffer():
         for result in sent:
             result[-1]()
         helpers.check_dispatch(sent, helpers.reference_for(ll_inputs, 16, 6, use_fp8=True), use_fp8=True)
+
+
+def test_bad_expert_in_dispatch_is_reported_and_the_ranks_stay_in_step():
+    buffers = cpu_group(2)
+    inputs = inputs_for(2, seed=13)
+    bad = inputs[0].topk_idx.clone()
+    bad[1, 0] = 99  # outside [-1, 16): treated as -1 by the kernels, reported after the call
+
+    def call(r, b):
+        return b.dispatch(inputs[r].x, topk_idx=bad if r == 0 else inputs[r].topk_idx)
+
+    with pytest.raises(AssertionError, match="rank 0 failed: RoutingError: .*expert index 99"):
+        run_ranks(buffers, call)
+    for b in buffers:
+        b.check_status()
+    # Every step of that call was issued on both ranks: the next calls are in step (the call counters agree).
+    assert int(buffers[0]._ctx.state[NormalWord.SEQ]) == int(buffers[1]._ctx.state[NormalWord.SEQ])
+    round_trip(buffers, inputs, fp8=True)

@@ -367,15 +367,15 @@ class NormalBuffer:
                 rank_prefix = torch.empty(s.num_ranks, s.num_ranks, dtype=torch.int32, device=device)
                 recv_info = torch.empty(1 + s.num_local_experts, dtype=torch.int32, device=device)
             self._engine.counts(rank_prefix, recv_info, expert_alignment)
-            per_expert_list, num_recv = None, None
+            per_expert_list, num_recv, synchronised = None, None, False
             if cached:
                 num_rows, num_recv = handle.num_rows, handle.num_recv_tokens
             elif num_worst_tokens:
                 num_rows, per_expert_list = num_worst_tokens, []
             else:
                 info = recv_info.cpu().tolist()  # the one host synchronisation
-                self.check_status()
                 num_recv = num_rows = info[0]
+                synchronised = True
                 per_expert_list = info[1:]
             with plan.allocating():
                 recv_x = torch.empty(num_rows, s.hidden, dtype=x.dtype, device=device)
@@ -386,6 +386,8 @@ class NormalBuffer:
                 recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
             self._engine.copy(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix, num_blocks=num_blocks)
 
+        if synchronised:  # report what the kernels saw so far now, once every step of the call is issued (ranks stay in step)
+            self.check_status()
         outputs = [recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix, recv_info]
         event = plan.finish([x, x_scales, topk_idx, topk_weights, in_rank, send_pos, num_sent, num_tokens_per_expert, *outputs])
         if not cached:
