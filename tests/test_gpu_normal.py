@@ -265,3 +265,19 @@ def test_one_region_hosts_a_low_latency_buffer_and_a_normal_buffer():
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         helpers.check_dispatch(sent, helpers.reference_for(ll_inputs, 32, 16, use_fp8=True), use_fp8=True)
+
+
+def test_bad_expert_in_dispatch_is_reported_and_the_ranks_stay_in_step():
+    buffers = gpu_group(2, **SMALL)
+    inputs = inputs_for(2, SMALL, seed=13)
+    bad = inputs[0].topk_idx.clone()
+    bad[1, 0] = 999  # outside [-1, 32): treated as -1 by the kernels, reported once the call is issued
+
+    def call(r, b):
+        return b.dispatch(inputs[r].x, topk_idx=bad if r == 0 else inputs[r].topk_idx)
+
+    with pytest.raises(AssertionError, match="rank 0 failed: RoutingError: .*expert index 999"):
+        run_ranks(buffers, call)
+    for b in buffers:
+        b.synchronize()
+    round_trip(buffers, inputs, fp8=True)
