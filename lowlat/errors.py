@@ -66,3 +66,9 @@ class ProtocolError(DeviceError):
 class RoutingError(DeviceError, ValueError):
     """``topk_idx`` held an expert index outside ``[-1, num_experts)`` or ``num_tokens`` was out of
     range; detected on the device.  The offending entries were treated as ``-1``."""
+
+
+class NormalTimeoutError(DeviceError, TimeoutError):
+    """Normal mode: a peer did not signal within the NormalBuffer's timeout.  ``rank`` is the late
+    peer; its data was left out of that call, and the ranks' call counters may now disagree
+    (``NormalBuffer.reset()``, on every rank, is the way back)."""

@@ -273,3 +273,140 @@ def reference_combine(expert_outputs: Sequence[Tensor], dispatches: Sequence[Ref
             acc = torch.where(topk[:, slot, None] >= 0, acc + product, acc)
         combined.append(acc.to(torch.bfloat16))
     return combined
+
+
+# ====================================================================================== normal mode
+# Pure-torch ground truth of normal (high-throughput, prefill) mode, DeepEP intranode semantics:
+# every token goes once to every rank owning one of its experts, received token-major in canonical
+# order (source rank ascending, then source token ascending); combine sums a token's copies.
+
+@dataclass(frozen=True)
+class NormalReferenceDispatch:
+    """What one receiving rank gets from a normal-mode dispatch (num_recv rows)."""
+
+    recv_x: Tensor  # [num_recv, hidden], the dtype of x (bf16 or float8_e4m3fn)
+    recv_scales: Tensor | None  # float32 [num_recv, hidden/128] (FP8 input only)
+    recv_topk_idx: Tensor | None  # int64 [num_recv, K]: local expert index, -1 for other ranks' experts
+    recv_topk_weights: Tensor | None  # float32 [num_recv, K]: the weight where recv_topk_idx >= 0, else 0
+    recv_src_idx: Tensor  # int32 [num_recv]: the row's token index on its source rank
+    recv_src_rank: Tensor  # int32 [num_recv]: its source rank
+    rank_prefix_matrix: Tensor  # int32 [R, R]: [s, r] = tokens ranks 0..s send to rank r (inclusive)
+    num_recv_tokens_per_expert: list  # [L] ints, rows naming each local expert, rounded up to expert_alignment
+
+
+def reference_normal_layout(topk_idx: Tensor, num_experts: int, num_ranks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``get_dispatch_layout``: ``(num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
+    is_token_in_rank bool [n, R])`` for one rank's ``topk_idx`` int ``[n, K]`` (-1 = no expert).
+    A token counts once per rank however many of its experts live there; once per (token, slot)
+    for experts."""
+    num_local = _check_num_experts(num_experts, num_ranks)
+    _check_topk_idxs([topk_idx], num_experts)
+    topk = topk_idx.long()
+    valid = topk >= 0
+    per_expert = torch.bincount(topk[valid], minlength=num_experts).to(torch.int32)
+    owner = torch.where(valid, topk // num_local, num_ranks)  # num_ranks = "nowhere"
+    in_rank = torch.zeros(topk.shape[0], num_ranks + 1, dtype=torch.bool, device=topk.device)
+    in_rank.scatter_(1, owner, True)
+    in_rank = in_rank[:, :num_ranks].contiguous()
+    return in_rank.sum(0).to(torch.int32), per_expert, in_rank
+
+
+def reference_normal_dispatch(xs: Sequence[Tensor], topk_idxs: Sequence[Tensor] | None, *, num_experts: int,
+                              x_scales: Sequence[Tensor] | None = None, topk_weights: Sequence[Tensor] | None = None,
+                              is_token_in_ranks: Sequence[Tensor] | None = None,
+                              expert_alignment: int = 1) -> list[NormalReferenceDispatch]:
+    """Normal-mode dispatch over ``R = len(xs)`` ranks; one :class:`NormalReferenceDispatch` per rank.
+
+    ``xs[s]``: bf16 or float8_e4m3fn ``[n_s, hidden]`` (bytes are moved, never converted);
+    ``x_scales[s]``: float32 ``[n_s, hidden/128]`` with FP8 ``xs``; ``topk_idxs[s]``: int ``[n_s, K]``
+    with entries in ``[-1, num_experts)`` (None: no top-k travels, as in a cached dispatch, and
+    ``is_token_in_ranks`` must be given); ``topk_weights[s]``: float32 ``[n_s, K]``;
+    ``is_token_in_ranks[s]``: bool ``[n_s, R]`` (default: from ``topk_idxs``, as get_dispatch_layout).
+    """
+    num_ranks = len(xs)
+    if num_ranks == 0:
+        raise ArgumentError("xs must hold one tensor per rank, got an empty sequence")
+    num_local = _check_num_experts(num_experts, num_ranks)
+    if topk_idxs is not None:
+        _check_topk_idxs(topk_idxs, num_experts)
+    if is_token_in_ranks is None:
+        if topk_idxs is None:
+            raise ArgumentError("give topk_idxs or is_token_in_ranks")
+        is_token_in_ranks = [reference_normal_layout(t, num_experts, num_ranks)[2] for t in topk_idxs]
+    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+        raise ArgumentError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
+    for s, (x, in_rank) in enumerate(zip(xs, is_token_in_ranks)):
+        if not isinstance(x, Tensor) or x.dtype not in (torch.bfloat16, torch.float8_e4m3fn) or x.dim() != 2:
+            raise ArgumentTypeError(f"xs[{s}] must be a 2-D bfloat16 or float8_e4m3fn tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(in_rank.shape) != (x.shape[0], num_ranks) or in_rank.dtype != torch.bool:
+            raise ArgumentError(f"is_token_in_ranks[{s}] must be bool [{x.shape[0]}, {num_ranks}], got {in_rank.dtype} {tuple(in_rank.shape)}")
+    sent = torch.stack([in_rank.sum(0) for in_rank in is_token_in_ranks]).to(torch.int32)  # [src, dst]
+    prefix = torch.cumsum(sent, dim=0).to(torch.int32)
+
+    results = []
+    for rank in range(num_ranks):
+        rows = {"x": [], "scales": [], "topk": [], "weights": [], "src": [], "src_rank": []}
+        per_expert = torch.zeros(num_local, dtype=torch.int64, device=xs[0].device)
+        for s in range(num_ranks):
+            tokens = is_token_in_ranks[s][:, rank].nonzero().flatten()
+            rows["x"].append(xs[s][tokens])
+            rows["src"].append(tokens.to(torch.int32))
+            rows["src_rank"].append(torch.full_like(tokens, s, dtype=torch.int32))
+            if x_scales is not None:
+                rows["scales"].append(x_scales[s][tokens].float())
+            if topk_idxs is not None:
+                global_idx = topk_idxs[s][tokens].long()
+                mine = (global_idx >= rank * num_local) & (global_idx < (rank + 1) * num_local)
+                rows["topk"].append(torch.where(mine, global_idx - rank * num_local, -1))
+                if topk_weights is not None:
+                    rows["weights"].append(torch.where(mine, topk_weights[s][tokens].float(), 0.0))
+                chosen = topk_idxs[s].long()
+                chosen = chosen[(chosen >= rank * num_local) & (chosen < (rank + 1) * num_local)] - rank * num_local
+                per_expert += torch.bincount(chosen, minlength=num_local)
+        aligned = ((per_expert + expert_alignment - 1) // expert_alignment * expert_alignment).tolist()
+        results.append(NormalReferenceDispatch(
+            recv_x=torch.cat(rows["x"]),
+            recv_scales=torch.cat(rows["scales"]) if x_scales is not None else None,
+            recv_topk_idx=torch.cat(rows["topk"]) if topk_idxs is not None else None,
+            recv_topk_weights=torch.cat(rows["weights"]) if topk_idxs is not None and topk_weights is not None else None,
+            recv_src_idx=torch.cat(rows["src"]), recv_src_rank=torch.cat(rows["src_rank"]),
+            rank_prefix_matrix=prefix.clone(), num_recv_tokens_per_expert=aligned))
+    return results
+
+
+def reference_normal_combine(xs: Sequence[Tensor], dispatches: Sequence[NormalReferenceDispatch], num_tokens: Sequence[int], *,
+                             topk_weights: Sequence[Tensor] | None = None,
+                             biases: Sequence[Sequence[Tensor]] | None = None) -> list[tuple[Tensor, Tensor | None]]:
+    """Normal-mode combine; returns ``(combined bf16 [n_s, hidden], weights float32 [n_s, K] or None)``
+    per source rank s.
+
+    ``xs[r]``: bf16 ``[num_recv_r, hidden]`` in the row order of ``dispatches[r]``; ``topk_weights[r]``:
+    float32 ``[num_recv_r, K]``; ``biases[s]``: 0, 1 or 2 bf16 ``[n_s, hidden]``.  Token t of rank s
+    becomes ``bf16(((0 + bias_0) + bias_1) + x_r0 + x_r1 + ...)`` over the ranks r holding a copy, in
+    ascending r, each add rounded in float32 (no weights: DeepEP's combine is a plain sum); the
+    weights are summed the same way.  Tokens sent nowhere come out as their bias (or zero).
+    """
+    num_ranks = len(xs)
+    if not (num_ranks == len(dispatches) == len(num_tokens)) or num_ranks == 0:
+        raise ArgumentError(f"xs, dispatches and num_tokens must each hold one entry per rank, "
+                            f"got {len(xs)}, {len(dispatches)} and {len(num_tokens)}")
+    hidden = xs[0].shape[1]
+    for r, (x, d) in enumerate(zip(xs, dispatches)):
+        if not isinstance(x, Tensor) or x.dtype != torch.bfloat16 or tuple(x.shape) != (d.recv_src_idx.numel(), hidden):
+            raise ArgumentError(f"xs[{r}] must be bf16 [{d.recv_src_idx.numel()}, {hidden}], "
+                                f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    num_topk = topk_weights[0].shape[1] if topk_weights is not None else 0
+    results = []
+    for s, n in enumerate(num_tokens):
+        acc = torch.zeros(n, hidden, dtype=torch.float32, device=xs[0].device)
+        for bias in (biases[s] if biases is not None else ()):
+            acc = acc + bias.float()
+        weights = torch.zeros(n, num_topk, dtype=torch.float32, device=xs[0].device)
+        for r in range(num_ranks):
+            mine = (dispatches[r].recv_src_rank == s).nonzero().flatten()
+            tokens = dispatches[r].recv_src_idx[mine].long()
+            acc[tokens] = acc[tokens] + xs[r][mine].float()
+            if topk_weights is not None:
+                weights[tokens] = weights[tokens] + topk_weights[r][mine].float()
+        results.append((acc.to(torch.bfloat16), weights if topk_weights is not None else None))
+    return results

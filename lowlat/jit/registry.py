@@ -9,6 +9,7 @@ that is not a multiple of 256, an odd top-k, many experts).
 from __future__ import annotations
 
 from ..layout import BufferShape, RegionLayout
+from ..normal.layout import NormalLayout, NormalShape
 from .spec import KernelSpec
 
 SHIPPED_SHAPES = (
@@ -19,7 +20,22 @@ SHIPPED_SHAPES = (
 )
 
 
-def shipped_specs(shapes=SHIPPED_SHAPES) -> list[KernelSpec]:
+# Normal (prefill) mode: the benchmark shape (DeepSeek-V3 prefill, 4096 tokens per rank), one rank,
+# and an awkward one (3 ranks, hidden 384, top-5 of 36 experts).
+NORMAL_SHAPES = (
+    NormalShape(num_ranks=8, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8),
+    NormalShape(num_ranks=1, num_experts=256, hidden=7168, max_tokens_per_rank=4096, max_topk=8),
+    NormalShape(num_ranks=3, num_experts=36, hidden=384, max_tokens_per_rank=13, max_topk=5),
+)
+
+
+def normal_specs(shapes=NORMAL_SHAPES) -> list[KernelSpec]:
+    from ..normal.ops import NormalKernels
+
+    return [spec for shape in shapes for spec in NormalKernels(NormalLayout.of(shape)).all()]
+
+
+def shipped_specs(shapes=SHIPPED_SHAPES, normal_shapes=NORMAL_SHAPES) -> list[KernelSpec]:
     from ..ops import combine, dispatch, exchange
     from ..ops.context import KernelConfig
 
@@ -29,4 +45,4 @@ def shipped_specs(shapes=SHIPPED_SHAPES) -> list[KernelSpec]:
         specs.append(exchange.exchange_spec(config))
         specs.extend(dispatch.all_specs(config))
         specs.extend(combine.all_specs(config))
-    return specs
+    return specs + normal_specs(normal_shapes)
