@@ -26,9 +26,10 @@
 
 namespace lowlat {
 
-// Word i of the message `rank` sends in call `epoch` (epoch >= 1): distinct per source, call and word.
+// Word i of the message `rank` sends in call `epoch` (epoch >= 1): distinct per source (< 256), call
+// (mod 256) and word (< 65536, so messages are at most 256 KiB).
 __host__ __device__ constexpr uint32_t ring_word(int rank, uint64_t epoch, uint32_t i) {
-    return (static_cast<uint32_t>(rank) << 24) ^ (static_cast<uint32_t>(epoch & 0xff) << 16) ^ (i * 2654435761u >> 16) ^ i;
+    return (static_cast<uint32_t>(rank & 0xff) << 24) | (static_cast<uint32_t>(epoch & 0xff) << 16) | (i & 0xffffu);
 }
 __host__ __device__ constexpr uint32_t ring_header(int rank, uint64_t epoch) {
     return 0xA5000000u | (static_cast<uint32_t>(rank) << 16) | static_cast<uint32_t>(epoch & 0xffff);
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) nvshmem_ring(const uint64
     constexpr int kNumRanks = Cfg::kNumRanks, kNumWarps = Cfg::kNumWarps;
     constexpr uint32_t kMessageBytes = Cfg::kMessageBytes, kSliceBytes = kMessageBytes / kNumWarps;
     static_assert(kMessageBytes % (16 * kNumWarps) == 0, "each warp puts a slice of whole 16-byte chunks");
+    static_assert(kMessageBytes <= 256 * 1024 && kNumRanks <= 256, "ring_word tells sources and words apart up to these");
     const NvshmemPeers peers{peer_bases, region, rank};
     const int next = (rank + 1) % kNumRanks, prev = (rank + kNumRanks - 1) % kNumRanks;
     const uint64_t seq = state[kExchangeSeq];

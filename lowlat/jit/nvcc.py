@@ -171,15 +171,19 @@ def nvjitlink_version() -> str:
         from cuda.bindings import nvjitlink
 
         major, minor = nvjitlink.version()
-        from cuda.core import Linker
-
-        backend = Linker.which_backend()
+        backend = _linker_backend()
     except Exception as exc:
         raise UnavailableError(f"nvJitLink is not available ({type(exc).__name__}: {exc}); install the "
                                "nvidia-nvjitlink wheel of the CUDA major version in use (pip install 'lowlat[nvshmem]')") from None
     if str(backend).lower() != "nvjitlink":
         raise UnavailableError(f"cuda.core would link with {backend!r}, not nvJitLink; install the nvidia-nvjitlink wheel")
     return f"{major}.{minor}"
+
+
+def _linker_backend() -> str:
+    from cuda.core import Linker
+
+    return str(Linker.which_backend())
 
 
 @functools.lru_cache(maxsize=None)

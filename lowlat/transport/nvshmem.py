@@ -98,6 +98,22 @@ def library_init(kernel, device_index: int) -> None:
         _runtime.libraries.add(key)
 
 
+def agree_on_region(group, region_bytes: int) -> bool:
+    """Check, before NVSHMEM starts (so that a mismatch is an error, not a hang in a collective
+    allocation), that every rank of ``group`` asks for the same ``region_bytes``; returns whether
+    all ranks run on one host.  Collective over ``group``."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (region_bytes, socket.gethostname()), group=group)
+    sizes = [size for size, _ in everyone]
+    if len(set(sizes)) != 1:
+        detail = ", ".join(f"rank {r}: {size}" for r, size in enumerate(sizes))
+        raise TransportError(f"region_bytes differs across ranks ({detail}); every rank must ask for the same "
+                             "symmetric region (build every Buffer with the same shapes)")
+    return len({host for _, host in everyone}) == 1
+
+
 def _uid_from_bytes(core, payload: bytes):
     uid = core.get_unique_id(empty=True)
     ctypes.memmove(uid.ptr, payload, len(payload))
@@ -142,15 +158,7 @@ class NvshmemTransport(Transport):
         self._buffer = None
         self._closed = True
 
-        # Agree on the shape before NVSHMEM starts, so a mismatch is an error, not a hang.
-        everyone: list = [None] * self.num_ranks
-        dist.all_gather_object(everyone, (region_bytes, socket.gethostname()), group=group)
-        sizes = [size for size, _ in everyone]
-        if len(set(sizes)) != 1:
-            detail = ", ".join(f"rank {r}: {s}" for r, s in enumerate(sizes))
-            raise TransportError(f"region_bytes differs across ranks ({detail}); every rank must ask for the same "
-                                 "symmetric region (build every Buffer with the same shapes)")
-        one_host = len({host for _, host in everyone}) == 1
+        one_host = agree_on_region(group, region_bytes)
 
         with torch.cuda.device(index):
             self._start(core, dist, region_bytes, one_host)

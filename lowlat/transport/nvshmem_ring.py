@@ -25,6 +25,7 @@ NUM_STATE_WORDS = 16  # kernels/state.cuh kNumStateWords
 EXCHANGE_SEQ = 4  # kernels/state.cuh kExchangeSeq: the ring's call counter
 STATUS_TIMEOUT, STATUS_OVERRUN = 1, 2  # kernels/state.cuh StatusCode
 _ALIGN = 128
+MAX_MESSAGE_BYTES = 256 * 1024  # ring_word tells apart 65536 words
 
 
 def _align(n: int) -> int:
@@ -40,10 +41,12 @@ class RingLayout:
     num_warps: int = 4
 
     def __post_init__(self):
-        if self.num_ranks < 1:
-            raise ArgumentError(f"num_ranks must be >= 1, got {self.num_ranks}")
         if self.num_warps < 1 or self.num_warps > 32:
             raise ArgumentError(f"num_warps must be in [1, 32], got {self.num_warps}")
+        if not 1 <= self.num_ranks <= 256:
+            raise ArgumentError(f"num_ranks must be in [1, 256] (ring_word encodes the source in 8 bits), got {self.num_ranks}")
+        if self.message_bytes > MAX_MESSAGE_BYTES:
+            raise ArgumentError(f"message_bytes must be at most {MAX_MESSAGE_BYTES}, got {self.message_bytes}")
         if self.message_bytes <= 0 or self.message_bytes % (16 * self.num_warps):
             raise ArgumentError(f"message_bytes must be a positive multiple of {16 * self.num_warps} "
                                 f"(16 bytes per warp slice), got {self.message_bytes}")
@@ -85,8 +88,7 @@ def ring_spec(layout: RingLayout) -> KernelSpec:
 def ring_word(rank: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
     """Host mirror of ``ring_word`` in the header: int64 tensor of uint32 values for ``index``."""
     i = index.to(torch.int64)
-    mixed = ((i * 2654435761) & 0xFFFFFFFF) >> 16
-    return ((rank << 24) ^ ((epoch & 0xFF) << 16) ^ mixed ^ i) & 0xFFFFFFFF
+    return ((rank & 0xFF) << 24) | ((epoch & 0xFF) << 16) | (i & 0xFFFF)
 
 
 def ring_header(rank: int, epoch: int) -> int:
