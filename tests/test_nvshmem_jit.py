@@ -330,3 +330,22 @@ def test_shipped_nvshmem_specs_are_distinct_and_exist():
     specs = shipped_nvshmem_specs()
     assert len(specs) == len(set(specs)) == 2
     assert all((kernel_dir() / s.header).is_file() for s in specs)
+
+
+def test_ring_constants_mirror_state_cuh():
+    import re
+
+    text = (kernel_dir() / "state.cuh").read_text()
+    for name, value in (("kExchangeSeq", nvshmem_ring.EXCHANGE_SEQ), ("kStatusWord", nvshmem_ring.STATUS_WORD),
+                        ("kNumStateWords", nvshmem_ring.NUM_STATE_WORDS), ("kStatusTimeout", nvshmem_ring.STATUS_TIMEOUT),
+                        ("kStatusOverrun", nvshmem_ring.STATUS_OVERRUN)):
+        assert re.search(rf"\b{name}\s*=\s*{value}\b", text), f"{name} is not {value} in state.cuh"
+
+
+def test_host_identity_tells_machines_apart_by_boot_id():
+    from lowlat.transport.nvshmem import _host_identity
+
+    host, _, boot_id = _host_identity().partition("/")
+    assert host == socket.gethostname()
+    if os.path.exists("/proc/sys/kernel/random/boot_id"):
+        assert len(boot_id) == 36

@@ -23,6 +23,7 @@ SIGNATURE = (
 )
 NUM_STATE_WORDS = 16  # kernels/state.cuh kNumStateWords
 EXCHANGE_SEQ = 4  # kernels/state.cuh kExchangeSeq: the ring's call counter
+STATUS_WORD = 5  # kernels/state.cuh kStatusWord: device copy of the first error
 STATUS_TIMEOUT, STATUS_OVERRUN = 1, 2  # kernels/state.cuh StatusCode
 _ALIGN = 128
 MAX_MESSAGE_BYTES = 256 * 1024  # ring_word tells apart 65536 words
@@ -123,6 +124,11 @@ class Ring:
         self.kernel.launch(1, 32 * self.layout.num_warps,
                            (t.peer_bases, t.region, t.rank, silent_rank, self.received, self.header, self.state,
                             self.status, self.timeout_ns))
+
+    def reset_status(self) -> None:
+        """Clear the first-error word (device copy in ``state`` and the ``status`` mirror)."""
+        self.state[STATUS_WORD] = 0
+        self.status.zero_()
 
     def calls(self) -> int:
         return int(self.state[EXCHANGE_SEQ].item())
