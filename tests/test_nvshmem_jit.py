@@ -349,3 +349,86 @@ def test_host_identity_tells_machines_apart_by_boot_id():
     assert host == socket.gethostname()
     if os.path.exists("/proc/sys/kernel/random/boot_id"):
         assert len(boot_id) == 36
+
+
+def _start_worker(rank, port, queue):
+    """NvshmemTransport._start over a real gloo group with NVSHMEM's init replaced by a recorder:
+    the unique id rank 0 creates must reach rank 1 byte for byte."""
+    import ctypes
+
+    import cuda.core
+    import nvshmem.core as real
+    import torch.distributed as dist
+
+    from lowlat.transport import nvshmem as transport
+
+    class FakeDevice:
+        def __init__(self, index):
+            self.device_id = index
+
+        def set_current(self):
+            pass
+
+    class FakeCore:
+        inits, finalized = [], 0
+        get_unique_id = staticmethod(real.get_unique_id)
+
+        @classmethod
+        def init(cls, device, uid, rank, nranks, initializer_method):
+            cls.inits.append((device.device_id, ctypes.string_at(uid.ptr, 128), rank, nranks, initializer_method))
+
+        @classmethod
+        def finalize(cls):
+            cls.finalized += 1
+
+    cuda.core.Device = FakeDevice  # no GPU here: _start only needs set_current()
+    for name in ("NVSHMEM_DISABLE_NVLS", "NVSHMEM_REMOTE_TRANSPORT", "NVSHMEM_SYMMETRIC_SIZE"):
+        os.environ.pop(name, None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    singles = [dist.new_group([0]), dist.new_group([1])]
+
+    def bare(group, group_rank, size):
+        t = transport.NvshmemTransport.__new__(transport.NvshmemTransport)
+        t.group, t.rank, t.num_ranks, t._device = group, group_rank, size, torch.device("cuda", 0)
+        return t
+
+    first = bare(dist.group.WORLD, rank, 2)
+    first._start(FakeCore, dist, 3 << 30, one_host=True)
+    env = {k: os.environ.get(k) for k in ("NVSHMEM_DISABLE_NVLS", "NVSHMEM_REMOTE_TRANSPORT", "NVSHMEM_SYMMETRIC_SIZE")}
+    bare(dist.group.WORLD, rank, 2)._start(FakeCore, dist, 3 << 30, one_host=True)  # a second transport, same ranks
+    users = transport._runtime.users
+    try:
+        bare(singles[rank], 0, 1)._start(FakeCore, dist, 1 << 20, one_host=True)
+        other_group_error = None
+    except TransportError as exc:
+        other_group_error = str(exc)
+    first._release_runtime(FakeCore)
+    finalized_after_one = FakeCore.finalized
+    first._release_runtime(FakeCore)
+    queue.put((rank, FakeCore.inits, env, users, other_group_error, finalized_after_one, FakeCore.finalized))
+    dist.destroy_process_group()
+
+
+def test_unique_id_reaches_every_rank_and_the_runtime_is_shared():
+    pytest.importorskip("nvshmem.core", reason="nvshmem4py not installed (pip install 'lowlat[nvshmem]')")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_start_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    uids = set()
+    for rank, inits, env, users, other_group_error, finalized_after_one, finalized in results:
+        assert len(inits) == 1, f"rank {rank}: NVSHMEM started {len(inits)} times"
+        device, uid, pe, num_pes, method = inits[0]
+        assert (device, pe, num_pes, method) == (0, rank, 2, "uid")
+        uids.add(uid)
+        heap = -(-((3 << 30) + (64 << 20)) // (2 << 20)) * (2 << 20)
+        assert env == {"NVSHMEM_DISABLE_NVLS": "1", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_SYMMETRIC_SIZE": str(heap)}
+        assert users == 2
+        assert other_group_error and "a second NvshmemTransport must use the same group and device" in other_group_error
+        assert (finalized_after_one, finalized) == (0, 1)
+    assert len(uids) == 1 and uids.pop() != bytes(128)
