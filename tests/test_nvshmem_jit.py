@@ -41,11 +41,15 @@ def fresh_toolchain():
 
 @pytest.fixture(scope="module")
 def small_cubin(tmp_path_factory):
+    previous = os.environ.get("LOWLAT_CACHE_DIR")
     os.environ["LOWLAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("shared-cache"))
     try:
         yield nvcc.NvshmemCompiler(ARCH).compile(ring_spec(SMALL))
     finally:
-        os.environ.pop("LOWLAT_CACHE_DIR", None)
+        if previous is None:
+            os.environ.pop("LOWLAT_CACHE_DIR", None)
+        else:
+            os.environ["LOWLAT_CACHE_DIR"] = previous
 
 
 # -- compile and link ------------------------------------------------------------------------------
