@@ -134,7 +134,7 @@ def _uid_from_bytes(core, payload: bytes):
 class NvshmemTransport(Transport):
     """One rank's NVSHMEM PE and symmetric region.
 
-    ``group``: the torch.distributed group (rank r of the group is PE r); ``region_bytes``: size of
+    ``group``: the torch.distributed group, None for the default one (rank r of the group is PE r); ``region_bytes``: size of
     the symmetric region, equal on every rank; ``nvlink``: use pointers (``nvshmem_ptr``) for the
     peers NVSHMEM can map; False forces NVSHMEM puts to every other rank (testing the put path on
     one node).  ``device``: the CUDA device (default: the current one).  Collective: every rank of
@@ -154,7 +154,7 @@ class NvshmemTransport(Transport):
                                    "(torch.cuda.is_available() is False)")
         if torch.cuda.is_current_stream_capturing():
             raise GraphCaptureError("NvshmemTransport was created while a CUDA graph is being captured; create it before capture")
-        self.group = group
+        self.group = group = dist.group.WORLD if group is None else group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.nvlink = bool(nvlink)
