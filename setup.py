@@ -23,7 +23,7 @@ setup(
         "lowlat._kernels",
     ],
     package_dir={"lowlat.graphs": "graphs", "lowlat._kernels": "kernels"},
-    package_data={"lowlat._kernels": ["*.cuh"]},
+    package_data={"lowlat._kernels": ["*.cuh"]},  # includes the NVSHMEM headers (nvshmem_*.cuh)
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -38,7 +38,11 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "bench": ["matplotlib"],
-        "nvshmem": ["nvshmem4py-cu13>=0.4"],
+        # The NVSHMEM transport: nvshmem4py (host API), NVSHMEM's device headers and static device
+        # library (kernels that call NVSHMEM are compiled with nvcc, which must be installed
+        # separately, and linked with nvJitLink).  PyTorch's CUDA 13 wheels already bring
+        # nvidia-nvshmem-cu13 3.4.5; .ci/constraints.txt holds the verified versions.
+        "nvshmem": ["nvshmem4py-cu13>=0.4", "nvidia-nvshmem-cu13>=3.4,<4", "nvidia-nvjitlink>=13.0,<14"],
     },
     entry_points={"console_scripts": ["lowlat-bench=lowlat.bench.__main__:main", "lowlat-jit=lowlat.jit.__main__:main"]},
 )

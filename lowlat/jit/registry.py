@@ -3,7 +3,8 @@
 Kernels are specialised for each Buffer's shapes at run time, so there is no whitelist; this list
 names the shapes ``python -m lowlat.jit --check`` compiles to prove every kernel family builds:
 DeepSeek-V3 decode (the standard benchmark shape), a single rank, and awkward shapes (a hidden size
-that is not a multiple of 256, an odd top-k, many experts).
+that is not a multiple of 256, an odd top-k, many experts).  NVSHMEM kernels (nvcc + nvJitLink,
+``lowlat/jit/nvcc.py``) are listed apart, in :func:`shipped_nvshmem_specs`.
 """
 
 from __future__ import annotations
@@ -46,3 +47,14 @@ def shipped_specs(shapes=SHIPPED_SHAPES, normal_shapes=NORMAL_SHAPES) -> list[Ke
         specs.extend(dispatch.all_specs(config))
         specs.extend(combine.all_specs(config))
     return specs + normal_specs(normal_shapes)
+
+
+# The NVSHMEM transport's smoke test (kernels/nvshmem_ring.cuh): (ranks, message bytes, warps).
+SHIPPED_RING_SHAPES = ((2, 64 * 1024, 4), (8, 4096, 8))
+
+
+def shipped_nvshmem_specs(shapes=SHIPPED_RING_SHAPES) -> list[KernelSpec]:
+    """Specialisations of the kernels that call NVSHMEM's device API (compiled by NvshmemCompiler)."""
+    from ..transport.nvshmem_ring import RingLayout, ring_spec
+
+    return [ring_spec(RingLayout(num_ranks, message_bytes, num_warps)) for num_ranks, message_bytes, num_warps in shapes]
