@@ -28,6 +28,11 @@ find_links=()
 if ! python3 -m pip install -q --no-index "${find_links[@]}" --no-build-isolation -e . > "$out/install.log" 2>&1; then
   cat "$out/install.log"; exit 1
 fi
+# nvshmem4py (the nvshmem extra) without its dependencies: its cuda-python pin would move the image's
+# cuda-bindings; it needs only what is there.
+for wheel in .whl/nvshmem4py*.whl; do
+  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps "$wheel" >> "$out/install.log" 2>&1
+done
 
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then

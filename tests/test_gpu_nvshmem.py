@@ -57,9 +57,8 @@ def _worker(rank, world, port, nvlink):
     layout = RingLayout(world, MESSAGE_BYTES, NUM_WARPS)
     compiled = NvshmemCompiler().compile(ring_spec(layout))  # from the disk cache the parent filled
     kernel = Kernel(compiled)
-    loaded = kernel.load(device_index)
     with pytest.raises(UnavailableError, match="NVSHMEM is not running"):
-        compiled.module_init(loaded, device_index)
+        kernel.load(device_index)  # the loader runs the cubin's module hook, which needs NVSHMEM up
 
     transport = NvshmemTransport(dist.group.WORLD, layout.region_bytes + 4096, nvlink=nvlink)
     assert (transport.rank, transport.num_ranks, transport.pe) == (rank, world, rank)
@@ -71,8 +70,8 @@ def _worker(rank, world, port, nvlink):
     want_pointer = [True] * world if nvlink else [r == rank for r in range(world)]
     assert transport.by_pointer == want_pointer, f"rank {rank}: peer_bases {transport.peer_bases.tolist()}"
 
-    # What launch.Kernel.load does with an NVSHMEM cubin (see lowlat/jit/nvcc.py); idempotent.
-    compiled.module_init(loaded, device_index)
+    # Kernel.load binds NVSHMEM to the module now that it runs; the hook is idempotent.
+    loaded = kernel.load(device_index)
     compiled.module_init(loaded, device_index)
     ring = Ring(transport, layout, kernel, timeout_ns=CALL_TIMEOUT_NS)
 

@@ -100,6 +100,7 @@ class Kernel:
         self.signature = compiled.spec.signature
         self._index = {p.name: i for i, p in enumerate(self.signature)}
         self._kernel = None
+        self._initialised: set[int] = set()
         self._smem_set: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -127,6 +128,12 @@ class Kernel:
         err, _ = driver.cuKernelGetFunction(kernel.handle)
         if err != driver.CUresult.CUDA_SUCCESS:
             raise DeviceError(f"{self.name}: cannot load on device {device_index} ({err})")
+        # Cubins linked against a device library (NVSHMEM: lowlat/jit/nvcc.py) bring a hook that binds
+        # the library to the loaded module on this device.
+        init = getattr(self.compiled, "module_init", None)
+        if init is not None and device_index not in self._initialised:
+            init(kernel, device_index)
+            self._initialised.add(device_index)
         return kernel
 
     def _ensure_smem(self, kernel, device_index: int, shmem: int) -> None:
