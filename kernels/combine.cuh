@@ -7,6 +7,7 @@
 // combine_recv: waits for every rank's flag (bounded), then for each (token, chunk of channels)
 //   accumulates weight * value over the top-k slots in k order, in fp32 with products rounded
 //   before the add (so it matches lowlat.reference bit for bit), and stores bf16.
+// combine: both halves in one launch, for calls without a receive hook.
 #pragma once
 
 #include "common.cuh"
@@ -19,13 +20,12 @@
 
 namespace lowlat {
 
+// The send half after its protocol check: put every received row (or its LogFMT encoding) into its
+// (token, k) slot at the source rank; the last block raises the flags and advances the counter.
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_bfloat16* __restrict__ x,  // [L, R*T, H] expert outputs
-                                                                     const int* __restrict__ recv_count,  // [L]       from the dispatch handle
-                                                                     const int* __restrict__ recv_src_info,      // [L, R*T]
-                                                                     const int* __restrict__ recv_src_topk,      // [L, R*T]
-                                                                     const long long* __restrict__ recv_layout_range,  // [L, R]
-                                                                     const RankArgs rank) {
+__device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restrict__ x, const long long* __restrict__ recv_layout_range,
+                                                   const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_topk,
+                                                   const RankArgs& rank, uint64_t seq) {
     using Reg = Region<Cfg>;
     using Chunk = logfmt::Chunk<logfmt::chunk_size(Cfg::kHidden)>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, K = Cfg::kNumTopk, H = Cfg::kHidden;
@@ -37,11 +37,6 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
     __shared__ RowSegments<L, R> segments;
 
-    const uint64_t seq = state[kCombineSendSeq];
-    if (seq - state[kCombineRecvSeq] >= 2) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
-        return;
-    }
     const int parity = static_cast<int>(seq & 1);
     segments.build([&](int l, int s) {
         const long long range = __ldg(recv_layout_range + l * R + s);
@@ -81,15 +76,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
     }
 }
 
+// The receive half after its protocol check: wait for every source (bounded), then reduce each
+// token's top-k slots in k order; the last block advances the receive counter.
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat16* __restrict__ out,         // [num_out_rows, H]
-                                                                     const void* __restrict__ topk_idx,       // [>= num_tokens, K]
-                                                                     const float* __restrict__ topk_weights,  // [>= num_tokens, K]
-                                                                     const int* __restrict__ num_tokens_ptr,  // device scalar or null
-                                                                     int num_tokens_host,
-                                                                     int num_out_rows,
-                                                                     long long* __restrict__ wait_cost_stats,  // [R] or null
-                                                                     const RankArgs rank) {
+__device__ __forceinline__ void combine_recv_phase(__nv_bfloat16* __restrict__ out, const void* __restrict__ topk_idx,
+                                                   const float* __restrict__ topk_weights, const int* __restrict__ num_tokens_ptr,
+                                                   int num_tokens_host, int num_out_rows, long long* __restrict__ wait_cost_stats,
+                                                   const RankArgs& rank, uint64_t seq) {
     using Reg = Region<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, K = Cfg::kNumTopk, H = Cfg::kHidden;
     constexpr int kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
@@ -102,11 +95,6 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
     __shared__ int source_ok[R];
 
-    const uint64_t seq = state[kCombineRecvSeq];
-    if (seq >= state[kCombineSendSeq]) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
-        return;
-    }
     const int parity = static_cast<int>(seq & 1);
     wait_all_sources<R>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
@@ -172,6 +160,58 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
     }
 
     if (finish_block(blocks_done(state, kCombineRecvDone)) && threadIdx.x == 0) state[kCombineRecvSeq] = seq + 1;
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_bfloat16* __restrict__ x,  // [L, R*T, H] expert outputs
+                                                                     const int* __restrict__ recv_count,  // [L]       from the dispatch handle
+                                                                     const int* __restrict__ recv_src_info,      // [L, R*T]
+                                                                     const int* __restrict__ recv_src_topk,      // [L, R*T]
+                                                                     const long long* __restrict__ recv_layout_range,  // [L, R]
+                                                                     const RankArgs rank) {
+    const uint64_t seq = rank.state[kCombineSendSeq];
+    if (seq - rank.state[kCombineRecvSeq] >= 2) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
+        return;
+    }
+    combine_send_phase<Cfg>(x, recv_layout_range, recv_src_info, recv_src_topk, rank, seq);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat16* __restrict__ out,         // [num_out_rows, H]
+                                                                     const void* __restrict__ topk_idx,       // [>= num_tokens, K]
+                                                                     const float* __restrict__ topk_weights,  // [>= num_tokens, K]
+                                                                     const int* __restrict__ num_tokens_ptr,  // device scalar or null
+                                                                     int num_tokens_host,
+                                                                     int num_out_rows,
+                                                                     long long* __restrict__ wait_cost_stats,  // [R] or null
+                                                                     const RankArgs rank) {
+    const uint64_t seq = rank.state[kCombineRecvSeq];
+    if (seq >= rank.state[kCombineSendSeq]) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
+        return;
+    }
+    combine_recv_phase<Cfg>(out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host, num_out_rows, wait_cost_stats, rank, seq);
+}
+
+// Both halves in one launch, for calls without a receive hook (see lowlat::dispatch: the grid is
+// sized so that every block is resident at once).
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine(const __nv_bfloat16* __restrict__ x, const int* __restrict__ recv_count,
+                                                                const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_topk,
+                                                                const long long* __restrict__ recv_layout_range,
+                                                                __nv_bfloat16* __restrict__ out, const void* __restrict__ topk_idx,
+                                                                const float* __restrict__ topk_weights,
+                                                                const int* __restrict__ num_tokens_ptr, int num_tokens_host,
+                                                                int num_out_rows, long long* __restrict__ wait_cost_stats,
+                                                                const RankArgs rank) {
+    const uint64_t seq = rank.state[kCombineSendSeq];
+    if (seq != rank.state[kCombineRecvSeq]) {  // a receive hook is pending; a fused call pairs its own halves
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
+        return;
+    }
+    combine_send_phase<Cfg>(x, recv_layout_range, recv_src_info, recv_src_topk, rank, seq);
+    combine_recv_phase<Cfg>(out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host, num_out_rows, wait_cost_stats, rank, seq);
 }
 
 }  // namespace lowlat

@@ -11,6 +11,7 @@
 //   - waits for every source's flag (bounded), turns counts into row segments, and expands each
 //     received message into the rows of the local experts that asked for it, in the DeepGEMM
 //     "masked" layout [L, R*T, H] with column-major scales.
+// dispatch: both halves in one launch, for calls without a receive hook.
 // Row order inside a local expert is deterministic: source rank, then source token.
 #pragma once
 
@@ -160,24 +161,17 @@ __device__ __forceinline__ void store_slice(const uint8_t* message, int slice, v
 
 }  // namespace dispatch_detail
 
+// The send half after its protocol check: quantise and put every token, route every expert, and
+// let the last block raise one epoch flag per destination and advance the send counter.
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_bfloat16* __restrict__ x,  // [T, H]
-                                                                      const void* __restrict__ topk_idx,     // [T, K] int64 or int32
-                                                                      const int* __restrict__ num_tokens_ptr,  // device scalar or null
-                                                                      int num_tokens_host,
-                                                                      bool round_scale,
-                                                                      const RankArgs rank) {
+__device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restrict__ x, const void* __restrict__ topk_idx,
+                                                    const int* __restrict__ num_tokens_ptr, int num_tokens_host, bool round_scale,
+                                                    const RankArgs& rank, uint64_t seq) {
     constexpr int E = Cfg::kNumExperts, T = Cfg::kMaxTokens;
     const Peers peers = rank.peers();
     uint64_t* const state = rank.state;
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
-
-    const uint64_t seq = state[kDispatchSendSeq];
-    if (seq - state[kDispatchRecvSeq] >= 2) {  // a third dispatch before the first receive
-        if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
-        return;
-    }
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
     if (num_tokens < 0 || num_tokens > T) {
         if (blockIdx.x == 0 && threadIdx.x == 0) report(state, rank.status, kStatusBadNumTokens, rank.id, num_tokens);
@@ -214,34 +208,22 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_
     }
 }
 
+// The receive half after its protocol check: wait for every source (bounded), then expand the
+// messages into the rows of the local experts; the last block advances the receive counter.
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __restrict__ recv_x,         // [L, R*T, H] fp8 or bf16
-                                                                      void* __restrict__ recv_scales,    // [L, G or W, kScaleRowStride] or null
-                                                                      int* __restrict__ recv_count,      // [L]
-                                                                      int* __restrict__ recv_src_info,   // [L, R*T] source token
-                                                                      int* __restrict__ recv_src_topk,   // [L, R*T] source top-k slot
-                                                                      long long* __restrict__ recv_layout_range,  // [L, R] begin << 32 | count
-                                                                      int* __restrict__ cumulative_recv_stats,    // [L] or null
-                                                                      long long* __restrict__ wait_cost_stats,    // [R] or null
-                                                                      const RankArgs rank) {
+__device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, void* __restrict__ recv_scales, int* __restrict__ recv_count,
+                                                    int* __restrict__ recv_src_info, int* __restrict__ recv_src_topk,
+                                                    long long* __restrict__ recv_layout_range, int* __restrict__ cumulative_recv_stats,
+                                                    long long* __restrict__ wait_cost_stats, const RankArgs& rank, uint64_t seq) {
     using Reg = Region<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, RT = R * T;
     const Peers peers = rank.peers();
-    uint64_t* const state = rank.state;
     const int lane = lane_id();
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;
     const int num_global_warps = gridDim.x * Cfg::kNumWarps;
     __shared__ int source_ok[R];
     __shared__ RowSegments<L, R> segments;
 
-    const uint64_t seq = state[kDispatchRecvSeq];
-    if (seq >= state[kDispatchSendSeq]) {  // nothing was sent for this receive
-        if (blockIdx.x == 0) {
-            if (threadIdx.x == 0) report(state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
-            for (int l = threadIdx.x; l < L; l += blockDim.x) recv_count[l] = 0;
-        }
-        return;
-    }
     const int parity = static_cast<int>(seq & 1);
     wait_all_sources<R>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     segments.build([&](int l, int s) { return source_ok[s] ? min(ld_cg(reinterpret_cast<const int*>(peers.local(Reg::dispatch_count(parity, l, s)))), T) : 0; });
@@ -270,7 +252,69 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __res
         }
     }
 
-    if (finish_block(blocks_done(state, kDispatchRecvDone)) && threadIdx.x == 0) state[kDispatchRecvSeq] = seq + 1;
+    if (finish_block(blocks_done(rank.state, kDispatchRecvDone)) && threadIdx.x == 0) rank.state[kDispatchRecvSeq] = seq + 1;
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_bfloat16* __restrict__ x,  // [T, H]
+                                                                      const void* __restrict__ topk_idx,     // [T, K] int64 or int32
+                                                                      const int* __restrict__ num_tokens_ptr,  // device scalar or null
+                                                                      int num_tokens_host,
+                                                                      bool round_scale,
+                                                                      const RankArgs rank) {
+    const uint64_t seq = rank.state[kDispatchSendSeq];
+    if (seq - rank.state[kDispatchRecvSeq] >= 2) {  // a third dispatch before the first receive
+        if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
+        return;
+    }
+    dispatch_send_phase<Cfg>(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank, seq);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __restrict__ recv_x,         // [L, R*T, H] fp8 or bf16
+                                                                      void* __restrict__ recv_scales,    // [L, G or W, kScaleRowStride] or null
+                                                                      int* __restrict__ recv_count,      // [L]
+                                                                      int* __restrict__ recv_src_info,   // [L, R*T] source token
+                                                                      int* __restrict__ recv_src_topk,   // [L, R*T] source top-k slot
+                                                                      long long* __restrict__ recv_layout_range,  // [L, R] begin << 32 | count
+                                                                      int* __restrict__ cumulative_recv_stats,    // [L] or null
+                                                                      long long* __restrict__ wait_cost_stats,    // [R] or null
+                                                                      const RankArgs rank) {
+    const uint64_t seq = rank.state[kDispatchRecvSeq];
+    if (seq >= rank.state[kDispatchSendSeq]) {  // nothing was sent for this receive
+        if (blockIdx.x == 0) {
+            if (threadIdx.x == 0) report(rank.state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
+            for (int l = threadIdx.x; l < Cfg::kNumLocalExperts; l += blockDim.x) recv_count[l] = 0;
+        }
+        return;
+    }
+    dispatch_recv_phase<Cfg>(recv_x, recv_scales, recv_count, recv_src_info, recv_src_topk, recv_layout_range, cumulative_recv_stats,
+                             wait_cost_stats, rank, seq);
+}
+
+// Both halves in one launch, for calls without a receive hook: every block sends, then receives.
+// The launcher sizes the grid so that every block is resident at once (a block waiting for this
+// rank's own flag spins until the last block to finish sending raises it).
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch(const __nv_bfloat16* __restrict__ x, const void* __restrict__ topk_idx,
+                                                                 const int* __restrict__ num_tokens_ptr, int num_tokens_host,
+                                                                 bool round_scale, void* __restrict__ recv_x,
+                                                                 void* __restrict__ recv_scales, int* __restrict__ recv_count,
+                                                                 int* __restrict__ recv_src_info, int* __restrict__ recv_src_topk,
+                                                                 long long* __restrict__ recv_layout_range,
+                                                                 int* __restrict__ cumulative_recv_stats,
+                                                                 long long* __restrict__ wait_cost_stats, const RankArgs rank) {
+    const uint64_t seq = rank.state[kDispatchSendSeq];
+    if (seq != rank.state[kDispatchRecvSeq]) {  // a receive hook is pending; a fused call pairs its own halves
+        if (blockIdx.x == 0) {
+            if (threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
+            for (int l = threadIdx.x; l < Cfg::kNumLocalExperts; l += blockDim.x) recv_count[l] = 0;
+        }
+        return;
+    }
+    dispatch_send_phase<Cfg>(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank, seq);
+    dispatch_recv_phase<Cfg>(recv_x, recv_scales, recv_count, recv_src_info, recv_src_topk, recv_layout_range, cumulative_recv_stats,
+                             wait_cost_stats, rank, seq);
 }
 
 }  // namespace lowlat

@@ -277,11 +277,15 @@ class Buffer:
         recv_x = outputs.recv_x(use_fp8, use_ue8m0)
         recv_count = outputs.outputs.recv_count
         engine, out = self._engine, outputs.outputs
-        event, hook = self._issue(
-            "dispatch",
-            lambda stream: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream),
-            lambda stream: engine.dispatch_recv(out, use_fp8, use_ue8m0, recv_stats, wait_stats, stream),
-            async_finish, return_recv_hook, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,), handle)
+        if return_recv_hook:
+            event, hook = self._issue_hook(
+                "dispatch", lambda: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale),
+                lambda: engine.dispatch_recv(out, use_fp8, use_ue8m0, recv_stats, wait_stats), handle)
+        else:
+            event, hook = self._issue(
+                lambda stream: engine.dispatch(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0,
+                                               recv_stats, wait_stats, stream),
+                async_finish, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
         return recv_x, recv_count, handle, event, hook
 
     def run(self, call, *args):
@@ -363,11 +367,15 @@ class Buffer:
                 entry = self._combine_pool.acquire(self.device)
                 out, reusable = entry.rows(n), (entry,)
         engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
-        event, hook = self._issue(
-            "combine",
-            lambda stream: engine.combine_send(source, layout, use_logfmt, stream),
-            lambda stream: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats, stream),
-            async_finish, return_recv_hook, (x, source, topk_idx, topk_weights, out, wait_stats, handle), reusable, None)
+        if return_recv_hook:
+            event, hook = self._issue_hook(
+                "combine", lambda: engine.combine_send(source, layout, use_logfmt),
+                lambda: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats), None)
+        else:
+            event, hook = self._issue(
+                lambda stream: engine.combine(source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device,
+                                              wait_stats, stream),
+                async_finish, (x, source, topk_idx, topk_weights, out, wait_stats, handle), reusable)
         return out, event, hook
 
     def _check_handle(self, handle) -> None:
@@ -407,29 +415,29 @@ class Buffer:
             if len(pending) >= 2:
                 raise ArgumentError(f"two {kind} receive hooks are pending: call the older one before sending a third {kind}")
 
-    def _issue(self, kind: str, send, receive, async_finish: bool, return_recv_hook: bool, keep: tuple, reusable: tuple, handle):
-        """Launch the halves: ``send(stream)`` now and ``receive(stream)`` now, later (hook) or both on
-        the comm stream (async_finish).  ``keep``: every tensor the kernels touch, held until they are
-        done in async mode; ``reusable``: pooled outputs whose next user must wait for this work."""
-        if return_recv_hook:
-            send(None)
-            hook = RecvHook(kind, lambda: receive(None), self._run_hook, handle)
-            self._pending[kind].append(hook)
-            return _NO_EVENT, hook
+    def _issue_hook(self, kind: str, send, receive, handle):
+        """Hook mode: ``send()`` now on the current stream; the returned hook runs ``receive()``."""
+        send()
+        hook = RecvHook(kind, receive, self._run_hook, handle)
+        self._pending[kind].append(hook)
+        return _NO_EVENT, hook
+
+    def _issue(self, both, async_finish: bool, keep: tuple, reusable: tuple):
+        """Both halves at once, ``both(stream)``: on the current stream, or on the comm stream
+        (async_finish).  ``keep``: every tensor the kernels touch, held until they are done in async
+        mode; ``reusable``: pooled outputs whose next user must wait for this work."""
         if async_finish and self._device_index is not None:
             comm = self._comm_handle
             self._fork.record(current_stream_handle(self._device_index))
             self._fork.wait(comm)
-            send(comm)
-            receive(comm)
+            both(comm)
             event = self._events.next()
             event.record(comm)
             self._hold_until_done(event, keep)
             for item in reusable:
                 item.pending_event = event
             return EventOverlap(event, keep), None
-        send(None)
-        receive(None)
+        both(None)
         return _NO_EVENT, None
 
     def _hold_until_done(self, event, tensors: tuple) -> None:

@@ -140,9 +140,10 @@ def test_launch_plan_packs_every_argument_and_patches_the_variable_ones(cache):
 def test_every_shipped_kernel_family_is_in_the_registry():
     specs = shipped_specs(SHIPPED_SHAPES[:1], normal_shapes=())
     kernels = {s.kernel for s in specs}
-    assert kernels == {"lowlat::exchange_allgather", "lowlat::dispatch_send", "lowlat::dispatch_recv",
-                       "lowlat::combine_send", "lowlat::combine_recv"}
-    assert len(specs) == len(set(specs)) == 14
+    assert kernels == {"lowlat::exchange_allgather", "lowlat::dispatch_send", "lowlat::dispatch_recv", "lowlat::dispatch",
+                       "lowlat::combine_send", "lowlat::combine_recv", "lowlat::combine"}
+    # exchange 1; dispatch: 4 sends, 3 receives, 6 fused; combine: 2 sends, 4 receives, 4 fused
+    assert len(specs) == len(set(specs)) == 24
 
 
 def test_generated_source_declares_cfg_and_the_abi_check():

@@ -29,6 +29,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def combine_send(self, x: torch.Tensor, layout: DispatchOutputs, use_logfmt: bool, stream: int | None = None) -> None: ...
 
+    def dispatch(self, x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0, cumulative_recv_stats,
+                 wait_cost_stats, stream=None) -> None:
+        """Both halves of a dispatch without a receive hook (the GPU engine: one launch)."""
+        self.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, stream)
+        self.dispatch_recv(out, use_fp8, use_ue8m0, cumulative_recv_stats, wait_cost_stats, stream)
+
+    def combine(self, x, layout, use_logfmt, out, topk_idx, topk_weights, num_tokens, num_tokens_device, wait_cost_stats,
+                stream=None) -> None:
+        """Both halves of a combine without a receive hook (the GPU engine: one launch)."""
+        self.combine_send(x, layout, use_logfmt, stream)
+        self.combine_recv(out, topk_idx, topk_weights, num_tokens, num_tokens_device, use_logfmt, wait_cost_stats, stream)
+
     def exchange(self, words: torch.Tensor, gathered: torch.Tensor, *, stream: int | None = None) -> None:
         """All-gather of a few words through peer memory (kernels/exchange.cuh)."""
         from ..errors import UnavailableError

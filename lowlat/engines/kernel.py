@@ -35,6 +35,8 @@ class KernelEngine(Engine):
         self._dispatch_recv = dispatch.recv_plans(self.ctx)
         self._combine_send = combine.send_plans(self.ctx)
         self._combine_recv = combine.recv_plans(self.ctx)
+        self._dispatch_fused = dispatch.fused_plans(self.ctx)  # empty where the fused kernel does not fit
+        self._combine_fused = combine.fused_plans(self.ctx)
         self._exchange = exchange.plan(self.ctx)
         self._ready = True
 
@@ -58,6 +60,21 @@ class KernelEngine(Engine):
         plan = self._combine_recv[use_logfmt, topk_idx.dtype is torch.int64]
         plan.launch_on(self._stream(stream), out.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr(), _address(num_tokens_device),
                        num_tokens, out.shape[0], _address(wait_cost_stats))
+
+    def dispatch(self, x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0, cumulative_recv_stats,
+                 wait_cost_stats, stream=None) -> None:
+        plan = self._dispatch_fused.get((use_fp8, use_ue8m0, topk_idx.dtype is torch.int64))
+        if plan is None:
+            return super().dispatch(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0,
+                                    cumulative_recv_stats, wait_cost_stats, stream)
+        plan.launch_on(self._stream(stream), x.data_ptr(), topk_idx.data_ptr(), _address(num_tokens_device), num_tokens,
+                       1 if round_scale else 0, *out.addresses, _address(cumulative_recv_stats), _address(wait_cost_stats))
+
+    def combine(self, x, layout, use_logfmt, out, topk_idx, topk_weights, num_tokens, num_tokens_device, wait_cost_stats,
+                stream=None) -> None:
+        plan = self._combine_fused[use_logfmt, topk_idx.dtype is torch.int64]
+        plan.launch_on(self._stream(stream), x.data_ptr(), *layout.addresses[2:], out.data_ptr(), topk_idx.data_ptr(),
+                       topk_weights.data_ptr(), _address(num_tokens_device), num_tokens, out.shape[0], _address(wait_cost_stats))
 
     def exchange(self, words, gathered, *, stream=None) -> None:
         self._exchange.launch_on(self._stream(stream), words.data_ptr(), gathered.data_ptr())

@@ -147,6 +147,21 @@ class Kernel:
             raise ArgumentError(f"{self.name}: cannot raise dynamic shared memory to {shmem} bytes ({err})")
         self._smem_set[device_index] = shmem
 
+    def resident_blocks(self, device_index: int, block: int, shmem: int = 0) -> int:
+        """How many blocks of ``block`` threads fit on the device at once (occupancy x SMs)."""
+        from cuda.bindings import driver
+
+        kernel = self.load(device_index)
+        err, function = driver.cuKernelGetFunction(kernel.handle)
+        if not err:
+            err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, shmem)
+        if not err:
+            attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+            err, sms = driver.cuDeviceGetAttribute(attr, device_index)
+        if err:
+            raise DeviceError(f"{self.name}: cannot query occupancy on device {device_index} ({err!r})")
+        return per_sm * sms
+
     def convert_args(self, args: Sequence[Any]) -> tuple:
         """Every argument converted and range-checked for its declared C type."""
         if len(args) != len(self.signature):

@@ -24,8 +24,10 @@ RECV_SIGNATURE = (
     Param("wait_cost_stats", ArgKind.PTR),
     RANK_PARAM,
 )
+FUSED_SIGNATURE = (*SEND_SIGNATURE[:-1], *RECV_SIGNATURE[:-1], RANK_PARAM)  # both halves in one kernel
 SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
 RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
+FUSED_ARGS = SEND_ARGS + RECV_ARGS
 RECV_VARIANTS = [(use_logfmt, topk_int64) for use_logfmt in (False, True) for topk_int64 in (True, False)]
 
 
@@ -37,9 +39,22 @@ def recv_spec(config: KernelConfig, *, use_logfmt: bool, topk_int64: bool) -> Ke
     return config.spec("combine.cuh", "lowlat::combine_recv", RECV_SIGNATURE, kUseLogFMT=use_logfmt, kTopkInt64=topk_int64)
 
 
+def fused_spec(config: KernelConfig, *, use_logfmt: bool, topk_int64: bool) -> KernelSpec:
+    return config.spec("combine.cuh", "lowlat::combine", FUSED_SIGNATURE, kUseLogFMT=use_logfmt, kTopkInt64=topk_int64)
+
+
 def all_specs(config: KernelConfig) -> list[KernelSpec]:
     return [send_spec(config, use_logfmt=f) for f in (False, True)] + [
-        recv_spec(config, use_logfmt=f, topk_int64=i) for f, i in RECV_VARIANTS]
+        recv_spec(config, use_logfmt=f, topk_int64=i) for f, i in RECV_VARIANTS] + [
+        fused_spec(config, use_logfmt=f, topk_int64=i) for f, i in RECV_VARIANTS]
+
+
+def fused_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
+    """Plans keyed by (use_logfmt, topk_int64), with a grid resident at once; launch(*send arguments,
+    *receive arguments)."""
+    return {(f, i): ctx.plan(fused_spec(ctx.config, use_logfmt=f, topk_int64=i), (None,) * 5 + (None, None, None, None, 0, 0, None),
+                             variable=FUSED_ARGS, resident=True)
+            for f, i in RECV_VARIANTS}
 
 
 def send_plans(ctx: RankContext) -> dict[bool, LaunchPlan]:

@@ -67,11 +67,16 @@ class RankContext:
         return self.state.device.index
 
     def plan(self, spec: KernelSpec, args: tuple, *, variable: Sequence[str], grid: int | None = None,
-             block: int | None = None) -> LaunchPlan:
+             block: int | None = None, resident: bool = False) -> LaunchPlan:
         """A launch plan of ``spec`` for this rank: ``args`` without the trailing RankArgs, which is
-        appended here; ``variable`` names the parameters each launch passes."""
-        return get_kernel(spec).plan(self.device_index, grid or self.num_blocks, block or self.config.num_warps * 32,
-                                     (*args, self.packed), variable=variable)
+        appended here; ``variable`` names the parameters each launch passes.  ``resident``: the grid
+        is capped so that every block fits on the device at once (kernels whose blocks wait for
+        each other)."""
+        kernel = get_kernel(spec)
+        grid, block = grid or self.num_blocks, block or self.config.num_warps * 32
+        if resident:
+            grid = max(1, min(grid, kernel.resident_blocks(self.device_index, block)))
+        return kernel.plan(self.device_index, grid, block, (*args, self.packed), variable=variable)
 
 
 def unpack_rank_args(packed: bytes) -> dict:

@@ -29,9 +29,12 @@ RECV_SIGNATURE = (
     Param("wait_cost_stats", ArgKind.PTR),
     RANK_PARAM,
 )
+# Both halves in one kernel (calls without a receive hook): the send's arguments, then the receive's.
+FUSED_SIGNATURE = (*SEND_SIGNATURE[:-1], *RECV_SIGNATURE[:-1], RANK_PARAM)
 # Per-call arguments, in the order LaunchPlan.launch takes them: everything but the RankArgs.
 SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
 RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
+FUSED_ARGS = SEND_ARGS + RECV_ARGS
 
 
 def send_spec(config: KernelConfig, *, use_fp8: bool, topk_int64: bool) -> KernelSpec:
@@ -42,13 +45,29 @@ def recv_spec(config: KernelConfig, *, use_fp8: bool, use_ue8m0: bool) -> Kernel
     return config.spec("dispatch.cuh", "lowlat::dispatch_recv", RECV_SIGNATURE, kUseFP8=use_fp8, kUseUE8M0=use_ue8m0)
 
 
+def fused_spec(config: KernelConfig, *, use_fp8: bool, use_ue8m0: bool, topk_int64: bool) -> KernelSpec:
+    return config.spec("dispatch.cuh", "lowlat::dispatch", FUSED_SIGNATURE, kUseFP8=use_fp8, kUseUE8M0=use_ue8m0,
+                       kTopkInt64=topk_int64)
+
+
 SEND_VARIANTS = [(use_fp8, topk_int64) for use_fp8 in (True, False) for topk_int64 in (True, False)]
 RECV_VARIANTS = [(True, False), (True, True), (False, False)]  # (use_fp8, use_ue8m0)
+FUSED_VARIANTS = [(f, u, i) for f, u in RECV_VARIANTS for i in (True, False)]  # (use_fp8, use_ue8m0, topk_int64)
+
+
+def fused_fits(config: KernelConfig) -> bool:
+    """Whether the fused kernel's static shared memory (the send's top-k table plus the receive's row
+    segments) stays under the 48 KB a block may declare; otherwise calls use two launches."""
+    s = config.layout.shape
+    topk_table = 4 * s.max_tokens_per_rank * s.num_topk if s.max_tokens_per_rank * s.num_topk <= 8192 else 4
+    segments = 4 * (s.num_local_experts + 1 + s.num_experts) + 4 * s.num_ranks
+    return topk_table + segments + 256 <= 48 * 1024
 
 
 def all_specs(config: KernelConfig) -> list[KernelSpec]:
+    fused = [fused_spec(config, use_fp8=f, use_ue8m0=u, topk_int64=i) for f, u, i in FUSED_VARIANTS] if fused_fits(config) else []
     return ([send_spec(config, use_fp8=f, topk_int64=i) for f, i in SEND_VARIANTS]
-            + [recv_spec(config, use_fp8=f, use_ue8m0=u) for f, u in RECV_VARIANTS])
+            + [recv_spec(config, use_fp8=f, use_ue8m0=u) for f, u in RECV_VARIANTS] + fused)
 
 
 def send_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
@@ -62,6 +81,16 @@ def recv_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
     recv_src_topk, recv_layout_range, cumulative_recv_stats, wait_cost_stats)."""
     return {(f, u): ctx.plan(recv_spec(ctx.config, use_fp8=f, use_ue8m0=u), (None,) * len(RECV_ARGS), variable=RECV_ARGS)
             for f, u in RECV_VARIANTS}
+
+
+def fused_plans(ctx: RankContext) -> dict[tuple[bool, bool, bool], LaunchPlan]:
+    """Plans keyed by (use_fp8, use_ue8m0, topk_int64), with a grid that is resident at once; launch(
+    *send arguments, *receive arguments).  Empty where the fused kernel does not fit."""
+    if not fused_fits(ctx.config):
+        return {}
+    return {(f, u, i): ctx.plan(fused_spec(ctx.config, use_fp8=f, use_ue8m0=u, topk_int64=i), (None, None, None, 0, False) + (None,) * 8,
+                                variable=FUSED_ARGS, resident=True)
+            for f, u, i in FUSED_VARIANTS}
 
 
 @dataclasses.dataclass(frozen=True)
