@@ -139,7 +139,7 @@ class OutputSet(_Reusable):
         handle = self._handle
         if handle is not None and handle() is not None:
             return True
-        return self._refcounts() != self._refs or super().busy()
+        return _use_count(self._cdata) != self._baseline or self._refcounts() != self._refs
 
     def ensure_zero_copy(self) -> torch.Tensor:
         if self.zero_copy is None:
@@ -188,12 +188,18 @@ class Pool:
     def __init__(self, factory, items=()):
         self._factory = factory
         self.items = list(items)
+        self._next = 0  # where the search starts: after the item handed out last (they are used in turn)
 
     def acquire(self, device: torch.device):
-        for item in self.items:
+        items, count = self.items, len(self.items)
+        for step in range(count):
+            index = (self._next + step) % count
+            item = items[index]
             if not item.busy():
                 item.claim(device)
+                self._next = index + 1
                 return item
         item = self._factory()
-        self.items.append(item)
+        items.append(item)
+        self._next = 0
         return item

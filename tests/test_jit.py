@@ -130,7 +130,7 @@ def test_launch_plan_packs_every_argument_and_patches_the_variable_ones(cache):
     assert plan.argument("x") == x.data_ptr() and plan.argument("num_tokens_host") == 128 and plan.argument("round_scale") == 1
     pointers = np.frombuffer(ctypes.string_at(plan._params, 8 * 6), dtype=np.uint64)
     base = ctypes.addressof(plan._words)
-    assert [int(p) - base for p in pointers] == [0, 16, 32, 48, 64, 80]  # 16-byte slots, RankArgs last
+    assert [int(p) - base for p in pointers] == [0, 8, 16, 24, 32, 40]  # one word each, RankArgs last
     assert ctypes.c_int32.from_address(int(pointers[3])).value == 128
     assert ctypes.string_at(int(pointers[5]), 48) == RANK
     with pytest.raises(ArgumentError, match="takes 3 per-call arguments"):

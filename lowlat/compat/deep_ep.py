@@ -150,11 +150,9 @@ class Buffer:
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                              return_recv_hook: bool = False):
         """DeepEP's ``low_latency_dispatch``: returns ``(recv_x, recv_count, handle, event, hook)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ArgumentError(f"x must be a 2-D tensor [num_tokens, hidden], got {getattr(x, 'shape', type(x).__name__)}")
-        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
-            raise ArgumentError(f"topk_idx must be a 2-D tensor [num_tokens, num_topk], got {getattr(topk_idx, 'shape', type(topk_idx).__name__)}")
-        buffer = self._buffer_for(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
+        buffer = self._buffers.get((num_max_dispatch_tokens_per_rank, _width(x, "x"), num_experts, _width(topk_idx, "topk_idx")))
+        if buffer is None:
+            buffer = self._buffer_for(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
         return buffer.run(buffer._dispatch, x, topk_idx, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, None)
 
@@ -243,3 +241,11 @@ class Buffer:
                 self._release()
             except Exception:  # interpreter shutdown: CUDA may already be gone
                 pass
+
+
+def _width(tensor, name: str) -> int:
+    """The last dimension of a 2-D tensor argument (the key of its shape's Buffer)."""
+    shape = getattr(tensor, "shape", None)
+    if not isinstance(tensor, torch.Tensor) or len(shape) != 2:
+        raise ArgumentError(f"{name} must be a 2-D tensor, got {shape if shape is not None else type(tensor).__name__}")
+    return shape[1]

@@ -31,7 +31,7 @@ _INT_RANGES = {
 # numpy type of each argument's slot in a packed plan (RANK is a raw 48-byte struct, see ops/context.py)
 _SLOT_TYPES = {ArgKind.PTR: np.uint64, ArgKind.I32: np.int32, ArgKind.U32: np.uint32, ArgKind.I64: np.int64,
                ArgKind.U64: np.uint64, ArgKind.F32: np.float32, ArgKind.BOOL: np.uint8, ArgKind.RANK: np.uint8}
-_SLOT_BYTES = 16  # every argument starts on a 16-byte boundary (RANK takes three slots)
+_SLOT_BYTES = 8  # every argument starts on an 8-byte boundary (RANK takes six slots)
 _STATIC_SMEM_LIMIT = 48 * 1024
 _thread_state = threading.local()
 
@@ -197,11 +197,12 @@ def _dims(value) -> tuple[int, int, int]:
 class LaunchPlan:
     """One kernel launch with its arguments packed in host memory, ready for ``cuLaunchKernel``.
 
-    Every argument owns a 16-byte-aligned slot of one ``uint64`` array (the 48-byte RankArgs three
-    slots); ``cuLaunchKernel`` reads them through an array of pointers built once.  ``launch_on``
-    writes the per-call arguments (declared at planning) as 64-bit words into their slots and
-    launches: addresses and non-negative integers (a 32-bit or bool argument reads the low bytes,
-    little-endian).  The driver copies the arguments at launch time, so the slots may change right
+    Every argument owns a 64-bit word of one ``uint64`` array (the 48-byte RankArgs six words);
+    ``cuLaunchKernel`` reads them through an array of pointers built once.  ``launch_on`` writes the
+    per-call arguments (declared at planning) as 64-bit words into their slots and launches:
+    addresses and non-negative integers (a 32-bit or bool argument reads the low bytes,
+    little-endian).  When the per-call arguments are the leading parameters, as in every lowlat
+    kernel, that is one slice assignment.  The driver copies the arguments at launch time, so the slots may change right
     after.  Not thread-safe: one plan per caller.
     """
 
@@ -227,6 +228,8 @@ class LaunchPlan:
             raw = bytes(value) if param.kind is ArgKind.RANK else np.asarray(value).tobytes()
             ctypes.memmove(base + 8 * offset, raw, len(raw))
         self._variable = tuple(offsets[i] for i in variable)
+        self._leading = self._variable == tuple(range(len(self._variable)))  # words [0, n): one slice assignment
+        self._num_variable = len(self._variable)
         self._launch_kernel = driver.cuLaunchKernel
 
     def launch(self, *values) -> None:
@@ -238,11 +241,15 @@ class LaunchPlan:
         """Launch on the raw stream handle ``stream``; ``values`` are the per-call arguments in the
         order planned, as ints (use :func:`address` for tensors).  The caller has made the device's
         context current on this thread (:func:`ensure_context`; a Buffer does it once per call)."""
-        if len(values) != len(self._variable):
-            raise ArgumentError(f"{self.kernel.name}: this plan takes {len(self._variable)} per-call arguments, got {len(values)}")
-        words = self._words
-        for offset, value in zip(self._variable, values):
-            words[offset] = value
+        n = self._num_variable
+        if len(values) != n:
+            raise ArgumentError(f"{self.kernel.name}: this plan takes {n} per-call arguments, got {len(values)}")
+        if self._leading:
+            self._words[:n] = values
+        else:
+            words = self._words
+            for offset, value in zip(self._variable, values):
+                words[offset] = value
         (gx, gy, gz), (bx, by, bz) = self._grid, self._block
         (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
         if err:
