@@ -123,9 +123,14 @@ def check(buffers: list[NormalBuffer], work: Workload, fp8: bool, tokens: int) -
             raise AssertionError(f"rank {r}: received top-k differs from lowlat.reference")
         rows += ref.recv_x.shape[0]
     ys = [(ref.recv_x.float() * 0.5).to(torch.bfloat16) for ref in refs]
+    # On the device before the threads start: a copy from pageable memory (and its allocation) in a
+    # rank's thread could wait for the whole GPU while a peer's combine waits for this rank's send.
+    ys_device = [y.to(b.device) for y, b in zip(ys, buffers)]
+    if cuda:
+        torch.cuda.synchronize()
 
     def combine(r):
-        outs[r] = buffers[r].combine(ys[r].to(buffers[r].device), results[r][4], topk_weights=results[r][2])
+        outs[r] = buffers[r].combine(ys_device[r], results[r][4], topk_weights=results[r][2])
 
     run(combine)
     expected = reference.reference_normal_combine(ys, refs, [tokens] * R, topk_weights=[res[2].cpu() for res in results])
