@@ -297,14 +297,31 @@ def _one_gpu(args, fp8: bool) -> int:
     def combine(r, b):
         b.combine(ys[r], results[r][4], topk_weights=results[r][2])
 
-    def eager(*steps):  # every rank's steps on its own stream, no host synchronisation in between
+    def eager(*steps):
+        """Every rank's steps on its own stream from its own host thread, no host synchronisation in
+        between.  Not one thread for all ranks: rank 0's counts would spin while that thread still
+        allocates the later ranks' outputs (hundreds of MB at num_worst_tokens), and a cudaMalloc may
+        wait for the whole GPU, so the later ranks' sends would come only after the timeout."""
         for b in buffers:
             b.get_comm_stream().wait_stream(torch.cuda.current_stream())
-        for r, b in enumerate(buffers):
-            with torch.cuda.stream(b.get_comm_stream()):
-                for step in steps:
-                    step(r, b)
+        errors = []
+
+        def work_of(r, b):
+            try:
+                with torch.cuda.stream(b.get_comm_stream()):
+                    for step in steps:
+                        step(r, b)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work_of, args=(r, b)) for r, b in enumerate(buffers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         torch.cuda.synchronize()
+        if errors:
+            raise errors[0]
         for b in buffers:
             b.check_status()
 
