@@ -5,6 +5,8 @@ against the reference, bit for bit.  The same round trips run on the CUDA kernel
 test_gpu_normal.py."""
 
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lowlat.jit.registry import NORMAL_SHAPES, shipped_specs
 from lowlat.normal import NormalBuffer, NormalConfig, NormalHandle, NormalLayout, NormalShape, region_bytes
 from lowlat.normal.layout import NormalStatus, NormalWord
 from lowlat.normal.ops import NormalKernels
+from lowlat.transport.local import LocalWorld
 from normal_helpers import make_inputs, round_trip, run_ranks
 
 SHAPE = dict(hidden=256, num_experts=16, max_tokens_per_rank=10, max_topk=6)
@@ -195,6 +198,51 @@ def test_bad_expert_is_reported_by_the_layout_step():
     buffer.get_dispatch_layout(topk, SHAPE["num_experts"])
     with pytest.raises(RoutingError, match="expert index 99"):
         buffer.check_status()
+
+
+def test_a_synchronising_dispatch_launches_no_wait_before_every_peer_sent():
+    """The GPU failure this guards against: with one host thread per virtual rank, a late thread's
+    host work before its send (an allocation, a kernel load) can wait for the whole GPU while an
+    early rank's counts kernel spins for that send.  The ranks meet on the host first: no rank's
+    counts step starts before every rank's send was issued, however late a thread is."""
+    buffers = NormalBuffer.local_group(4, device="cpu", timeout_s=5.0, **SHAPE)
+    inputs = inputs_for(4, seed=21)
+    events, lock = [], threading.Lock()
+    for rank, b in enumerate(buffers):
+        for step in ("send", "counts"):
+            original = getattr(b._engine, step)
+
+            def logged(*args, _original=original, _step=step, _rank=rank, **kwargs):
+                with lock:
+                    events.append((_step, _rank))
+                return _original(*args, **kwargs)
+
+            setattr(b._engine, step, logged)
+
+    def call(r, b):
+        if r == 3:
+            time.sleep(0.3)  # the late thread
+        return b.dispatch(inputs[r].x, topk_idx=inputs[r].topk_idx, topk_weights=inputs[r].topk_weights)
+
+    run_ranks(buffers, call)
+    steps = [step for step, _ in events]
+    assert steps == ["send"] * 4 + ["counts"] * 4, events
+
+
+def test_rendezvous_times_out_without_breaking_later_meetings():
+    world = LocalWorld(2, 1024, "cpu")
+    start = time.perf_counter()
+    assert world.rendezvous("alone", 0.05) is False  # rank 1 never comes: the caller goes on
+    assert time.perf_counter() - start < 1.0
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(world.rendezvous("both", 5.0))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True, True]
+    assert world.rendezvous("alone", 0.05) is True  # the late rank of the first meeting finds it complete
+    assert not world._arrived
 
 
 def test_a_missing_peer_times_out_with_a_typed_error():

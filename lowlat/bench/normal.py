@@ -123,9 +123,14 @@ def check(buffers: list[NormalBuffer], work: Workload, fp8: bool, tokens: int) -
             raise AssertionError(f"rank {r}: received top-k differs from lowlat.reference")
         rows += ref.recv_x.shape[0]
     ys = [(ref.recv_x.float() * 0.5).to(torch.bfloat16) for ref in refs]
+    # On the device before the threads start: a copy from pageable memory (and its allocation) in a
+    # rank's thread could wait for the whole GPU while a peer's combine waits for this rank's send.
+    ys_device = [y.to(b.device) for y, b in zip(ys, buffers)]
+    if cuda:
+        torch.cuda.synchronize()
 
     def combine(r):
-        outs[r] = buffers[r].combine(ys[r].to(buffers[r].device), results[r][4], topk_weights=results[r][2])
+        outs[r] = buffers[r].combine(ys_device[r], results[r][4], topk_weights=results[r][2])
 
     run(combine)
     expected = reference.reference_normal_combine(ys, refs, [tokens] * R, topk_weights=[res[2].cpu() for res in results])
@@ -292,14 +297,31 @@ def _one_gpu(args, fp8: bool) -> int:
     def combine(r, b):
         b.combine(ys[r], results[r][4], topk_weights=results[r][2])
 
-    def eager(*steps):  # every rank's steps on its own stream, no host synchronisation in between
+    def eager(*steps):
+        """Every rank's steps on its own stream from its own host thread, no host synchronisation in
+        between.  Not one thread for all ranks: rank 0's counts would spin while that thread still
+        allocates the later ranks' outputs (hundreds of MB at num_worst_tokens), and a cudaMalloc may
+        wait for the whole GPU, so the later ranks' sends would come only after the timeout."""
         for b in buffers:
             b.get_comm_stream().wait_stream(torch.cuda.current_stream())
-        for r, b in enumerate(buffers):
-            with torch.cuda.stream(b.get_comm_stream()):
-                for step in steps:
-                    step(r, b)
+        errors = []
+
+        def work_of(r, b):
+            try:
+                with torch.cuda.stream(b.get_comm_stream()):
+                    for step in steps:
+                        step(r, b)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work_of, args=(r, b)) for r, b in enumerate(buffers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         torch.cuda.synchronize()
+        if errors:
+            raise errors[0]
         for b in buffers:
             b.check_status()
 

@@ -192,6 +192,10 @@ class NormalBuffer:
         self._comm_stream = getattr(self.transport, "stream", None)
         if self._comm_stream is None and cuda:
             self._comm_stream = torch.cuda.Stream(self.device)
+        # Virtual ranks in one process (local transport) driven by one host thread each: a
+        # synchronising dispatch meets its peers' threads on the host (see _meet).
+        self._rendezvous = getattr(self.transport, "rendezvous", None) if self.num_ranks > 1 else None
+        self._epoch, self._sync_calls = 0, 0
         self.warmup()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -234,10 +238,35 @@ class NormalBuffer:
         return min(blocks, self._max_blocks) if self._max_blocks is not None else blocks
 
     def warmup(self) -> None:
-        """Compile and load every kernel (the constructor already does)."""
+        """Compile and load every kernel (the constructor already does), and do once, here, the
+        first-use work of a call's host path that may wait for the whole device: loading PyTorch's
+        fill kernel (lazy module loading) and a first cudaMalloc of small blocks for the
+        communication stream (PyTorch's caching allocator keeps blocks per stream).  Inside a call,
+        such a wait would stall this rank's launches behind a peer's kernel that waits for them."""
         if capturing():
             raise GraphCaptureError("NormalBuffer.warmup() compiles and loads kernels: call it before CUDA graph capture")
         self._engine.warmup()
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._comm_stream):
+                blocks = [torch.zeros(256 * 1024, dtype=torch.int32, device=self.device) for _ in range(4)]  # 4 MiB, small pool
+                torch.zeros(1, dtype=torch.bool, device=self.device)
+                del blocks
+            torch.cuda.synchronize(self.device)
+
+    def _meet(self, step: str) -> None:
+        """Host rendezvous of the virtual ranks of a local group inside a synchronising dispatch
+        (which needs one host thread per rank anyway: its host waits for every peer's send).
+
+        Before ``counts`` (the kernel that waits for every peer's send): no rank's waiting kernel
+        reaches the GPU until every rank's thread has launched its send, so nothing a late thread
+        does on the host before its send (an allocation, a first kernel load; CUDA may make such
+        calls wait for the whole device) can stall behind a spinning peer.  After the last launch:
+        no rank goes on to its next call (whose kernels may wait) while a peer still allocates
+        this call's outputs.  NCCL's GROUP launch mode answers the same hazard.  Bounded by
+        ``timeout_s``: ranks driven from one thread, or a rank that never comes, cost a delay and
+        the device reports the missing peer as before."""
+        if self._rendezvous is not None:
+            self._rendezvous(("normal", self.region_offset, self._epoch, self._sync_calls, step), self.timeout_s)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int | None = None) -> NormalConfig:
@@ -366,6 +395,9 @@ class NormalBuffer:
             with plan.allocating():
                 rank_prefix = torch.empty(s.num_ranks, s.num_ranks, dtype=torch.int32, device=device)
                 recv_info = torch.empty(1 + s.num_local_experts, dtype=torch.int32, device=device)
+            synchronising = not cached and not num_worst_tokens
+            if synchronising:
+                self._meet("sent")
             self._engine.counts(rank_prefix, recv_info, expert_alignment)
             per_expert_list, num_recv, synchronised = None, None, False
             if cached:
@@ -385,6 +417,9 @@ class NormalBuffer:
                                      if topk_weights is not None else None)
                 recv_src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
             self._engine.copy(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix, num_blocks=num_blocks)
+            if synchronising:
+                self._meet("issued")
+                self._sync_calls += 1
 
         if synchronised:  # report what the kernels saw so far now, once every step of the call is issued (ranks stay in step)
             self.check_status()
@@ -427,11 +462,13 @@ class NormalBuffer:
         num_blocks = self._blocks(config)
         plan = self._plan(previous_event, async_finish, allocate_on_comm_stream)
         with plan:
+            # The send first: it never waits, and nothing on the host may delay it behind a peer's
+            # receive that waits for it (an allocation can wait for the whole device).
+            self._engine.combine_send(x, topk_weights, handle.rank_prefix_matrix, num_blocks=num_blocks)
             with plan.allocating():
                 out = torch.empty(handle.num_tokens, s.hidden, dtype=torch.bfloat16, device=device)
                 out_weights = (torch.empty(handle.num_tokens, topk_weights.shape[1], dtype=torch.float32, device=device)
                                if topk_weights is not None else None)
-            self._engine.combine_send(x, topk_weights, handle.rank_prefix_matrix, num_blocks=num_blocks)
             self._engine.combine_recv(out, out_weights, biases[0], biases[1], handle.send_pos, num_blocks=num_blocks)
         event = plan.finish([x, topk_weights, *biases, handle.rank_prefix_matrix, handle.send_pos, out, out_weights])
         return out, out_weights, event
@@ -532,6 +569,7 @@ class NormalBuffer:
         self.transport.region[self.region_offset: self.region_offset + self.layout.total_bytes].zero_()
         self._ctx.state.zero_()
         self._ctx.status.zero_()
+        self._epoch, self._sync_calls = self._epoch + 1, 0  # a fresh rendezvous sequence (every rank resets)
         self.synchronize_quietly()
         self.transport.barrier()
 

@@ -58,7 +58,7 @@ class KernelNormalEngine:
         compile_all(specs)
         device_index = torch.cuda.current_device()
         for spec in specs:
-            get_kernel(spec).load(device_index)
+            _finish_loading(get_kernel(spec).load(device_index))
 
     def _launch(self, spec, grid: int, args: tuple) -> None:
         launch(spec, grid, self.ctx.kernels.num_warps, args)
@@ -315,6 +315,19 @@ class EmulatedNormalEngine:
         if out_weights is not None:
             out_weights.copy_(weights)
         self.ctx.state[NormalWord.SEQ] = seq + 1
+
+
+def _finish_loading(kernel) -> None:
+    """Under lazy loading (CUDA_MODULE_LOADING=LAZY, PyTorch's default) make sure the kernel's code is
+    on the device now: a first load inside a call may wait for the whole context, and a peer's
+    kernel that spins for this rank's launch would hold it until the timeout."""
+    from cuda.bindings import driver
+
+    if not hasattr(driver, "cuFuncLoad"):  # CUDA < 12.4: cuKernelGetFunction in Kernel.load is all there is
+        return
+    err, function = driver.cuKernelGetFunction(kernel.handle)
+    if err == driver.CUresult.CUDA_SUCCESS:
+        driver.cuFuncLoad(function)
 
 
 def _row_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,8 @@ class SubTransport(Transport):
         self.region = parent.region[offset: offset + num_bytes]
         self.peer_bases = parent.peer_bases + offset
         self.stream = getattr(parent, "stream", None)
+        if hasattr(parent, "rendezvous"):  # virtual ranks of one process (the local transport)
+            self.rendezvous = parent.rendezvous
 
     @property
     def device(self) -> torch.device:

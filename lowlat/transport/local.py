@@ -15,10 +15,11 @@ code on one GPU.  Two ways to drive the ranks:
 
 from __future__ import annotations
 
-import torch
-
 import os
+import threading
 import warnings
+
+import torch
 
 from ..errors import ArgumentError
 from .base import Transport
@@ -38,6 +39,26 @@ class LocalWorld:
         if self.device.type == "cuda" and num_ranks + 1 > int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")):
             warnings.warn(f"{num_ranks} virtual ranks on concurrent streams need CUDA_DEVICE_MAX_CONNECTIONS >= {num_ranks + 1} "
                           "(set before CUDA starts); hook mode needs nothing", stacklevel=3)
+        self._meeting = threading.Condition()
+        self._arrived: dict = {}  # rendezvous key -> [ranks arrived, ranks left]
+
+    def rendezvous(self, key, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every virtual rank has called ``rendezvous(key)``, for
+        ranks driven by one host thread each.  Returns False on a timeout (a rank that never comes,
+        or ranks driven from one thread): the caller goes on, and its bounded device waits report
+        what is missing.  Nothing is left broken: a later key starts afresh."""
+        if self.num_ranks == 1:
+            return True
+        with self._meeting:
+            entry = self._arrived.setdefault(key, [0, 0])
+            entry[0] += 1
+            if entry[0] >= self.num_ranks:
+                self._meeting.notify_all()
+            met = self._meeting.wait_for(lambda: entry[0] >= self.num_ranks, timeout_s)
+            entry[1] += 1
+            if entry[1] >= self.num_ranks:
+                del self._arrived[key]
+            return met
 
     def transport(self, rank: int) -> "LocalTransport":
         if not 0 <= rank < self.num_ranks:
@@ -56,6 +77,10 @@ class LocalTransport(Transport):
         self.region = world.regions[rank]
         self.peer_bases = world.peer_bases  # every virtual rank sees the same addresses
         self.stream = world.streams[rank]
+
+    def rendezvous(self, key, timeout_s: float) -> bool:
+        """See :meth:`LocalWorld.rendezvous`."""
+        return self.world.rendezvous(key, timeout_s)
 
     def peer_region(self, rank: int) -> torch.Tensor:
         """Rank ``rank``'s region (only the local transport can hand out peers' memory as tensors)."""
