@@ -79,16 +79,21 @@ def run_all(buffers, call, *, hook: bool, concurrent: bool = False):
         for b in buffers:
             current.wait_stream(b.get_comm_stream())
         return results
-    results = [None] * len(buffers)
-    errors = []
+    return in_threads(lambda r: call(r, buffers[r], False), len(buffers))
 
-    def work(r, b):
+
+def in_threads(work, count: int) -> list:
+    """``[work(0), ..., work(count - 1)]``, each on its own host thread (one per virtual rank, as one
+    process per rank would run); the first exception is raised once every thread has ended."""
+    results, errors = [None] * count, []
+
+    def run(r):
         try:
-            results[r] = call(r, b, False)
+            results[r] = work(r)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(r, b)) for r, b in enumerate(buffers)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(count)]
     for t in threads:
         t.start()
     for t in threads:

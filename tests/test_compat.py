@@ -2,8 +2,6 @@
 on virtual CPU ranks (one host thread per rank, like one process per rank) under a bf16 default
 dtype; tests/test_gpu_compat.py runs the same session on a GPU, one process and two."""
 
-import threading
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from lowlat.compat import deep_ep
 from lowlat.errors import ArgumentError, ArgumentTypeError, StaleHandleError, UnavailableError
 from lowlat.transport.local import LocalWorld
 from deepep_conventions import run_rank
+from helpers import in_threads
 
 T, H, E, K = 6, 256, 8, 3
 
@@ -34,22 +33,8 @@ def bf16_default():
 @pytest.mark.parametrize("num_ranks", [1, 2])
 def test_deepep_session_on_virtual_cpu_ranks(num_ranks, bf16_default):
     buffers = facade_group(num_ranks)
-    checked, errors = [0] * num_ranks, []
-
-    def rank_body(rank):
-        try:
-            checked[rank] = run_rank(buffers[rank], rank, num_ranks, num_tokens=T, hidden=H, num_experts=E, num_topk=K,
-                                     device=torch.device("cpu"))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=rank_body, args=(r,)) for r in range(num_ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    checked = in_threads(lambda rank: run_rank(buffers[rank], rank, num_ranks, num_tokens=T, hidden=H, num_experts=E, num_topk=K,
+                                               device=torch.device("cpu")), num_ranks)
     assert all(c > 0 for c in checked)
 
 

@@ -52,14 +52,22 @@ def write_json(out: Path, record: dict, stem: str) -> Path:
     return path
 
 
-def plot(out: Path, points: list[dict], title: str, stem: str) -> Path | None:
-    """Latency against tokens per rank, dispatch and combine, with the baselines; None without matplotlib."""
+def pyplot():
+    """``matplotlib.pyplot`` with a file backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(out: Path, points: list[dict], title: str, stem: str) -> Path | None:
+    """Latency against tokens per rank, dispatch and combine, with the baselines; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
     for ax, op in zip(axes, ("dispatch", "combine")):

@@ -201,12 +201,10 @@ def table(points: list[dict]) -> str:
 
 
 def _plot(out, points, title, stem):
-    try:
-        import matplotlib
+    from .report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     tokens = [p["num_tokens"] for p in points]

@@ -131,47 +131,29 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-class Compiler:
-    """Compiles :class:`KernelSpec` s for one architecture; thread-safe; caches on disk and in memory.
+def cache_digest(source: str, arch: str, options: str, toolchain: str) -> str:
+    """The cache key: the translation unit, every kernels/ header it includes, options, arch, toolchain."""
+    digest = hashlib.sha256()
+    for part in (source, arch, options, toolchain):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for header in included_headers(source, kernel_dir()):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
+    return digest.hexdigest()
 
-    (NVRTC holds the GIL here, so compiles run one after another; precompiled headers keep each short.)"""
 
-    def __init__(self, arch: str | None = None, *, use_disk_cache: bool = True):
-        # Import cuda.core here, in the constructing thread: its lazy sub-package import is not
-        # safe to run from several compile threads at once.
-        from cuda.core import Program, ProgramOptions
+class CachingCompiler:
+    """What every compiler shares: memory cache, disk cache, and no compiling during graph capture.
+    Subclasses provide ``cache_key``, ``_compile_now``, ``_load`` and ``_store``."""
 
-        self._program, self._program_options = Program, ProgramOptions
-        _toolchain_fingerprint()  # likewise: resolve headers and the NVRTC version once, up front
+    arch: str
+    use_disk_cache: bool
+
+    def __init__(self, arch: str | None, use_disk_cache: bool):
         self.arch = arch or device_arch()
         self.use_disk_cache = use_disk_cache
         self._memory: dict[str, CompiledCubin] = {}
         self._lock = threading.Lock()
-
-    def options(self):
-        return self._program_options(
-            arch=self.arch,
-            std="c++17",
-            include_path=[str(kernel_dir()), *header_dirs()],
-            # Automatic precompiled headers: the first kernel of a family parses the CUDA headers
-            # (~1 s), the next ones reuse them (~0.15 s).
-            pch=True,
-            pch_dir=str(_pch_dir()),
-            # IEEE division and no flush-to-zero: the FP8 scales must match the reference bit for bit.
-            ftz=False,
-            prec_div=True,
-            prec_sqrt=True,
-        )
-
-    def cache_key(self, spec: KernelSpec) -> str:
-        source = spec.source()
-        digest = hashlib.sha256()
-        for part in (source, self.arch, repr(self.options()), _toolchain_fingerprint()):
-            digest.update(part.encode())
-            digest.update(b"\0")
-        for header in included_headers(source, kernel_dir()):
-            digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
-        return digest.hexdigest()
 
     def compile(self, spec: KernelSpec) -> CompiledCubin:
         key = self.cache_key(spec)
@@ -191,6 +173,39 @@ class Compiler:
         with self._lock:
             return self._memory.setdefault(key, compiled)
 
+
+class Compiler(CachingCompiler):
+    """Compiles :class:`KernelSpec` s for one architecture; thread-safe; caches on disk and in memory.
+
+    (NVRTC holds the GIL here, so compiles run one after another; precompiled headers keep each short.)"""
+
+    def __init__(self, arch: str | None = None, *, use_disk_cache: bool = True):
+        # Import cuda.core here, in the constructing thread: its lazy sub-package import is not
+        # safe to run from several compile threads at once.
+        from cuda.core import Program, ProgramOptions
+
+        self._program, self._program_options = Program, ProgramOptions
+        _toolchain_fingerprint()  # likewise: resolve headers and the NVRTC version once, up front
+        super().__init__(arch, use_disk_cache)
+
+    def options(self):
+        return self._program_options(
+            arch=self.arch,
+            std="c++17",
+            include_path=[str(kernel_dir()), *header_dirs()],
+            # Automatic precompiled headers: the first kernel of a family parses the CUDA headers
+            # (~1 s), the next ones reuse them (~0.15 s).
+            pch=True,
+            pch_dir=str(_pch_dir()),
+            # IEEE division and no flush-to-zero: the FP8 scales must match the reference bit for bit.
+            ftz=False,
+            prec_div=True,
+            prec_sqrt=True,
+        )
+
+    def cache_key(self, spec: KernelSpec) -> str:
+        return cache_digest(spec.source(), self.arch, repr(self.options()), _toolchain_fingerprint())
+
     def _compile_now(self, spec: KernelSpec) -> CompiledCubin:
         start = time.perf_counter()
         program = self._program(spec.source(), "c++", self.options())
@@ -204,34 +219,46 @@ class Compiler:
 
     # -- disk cache -------------------------------------------------------------------------------
 
-    def _paths(self, spec: KernelSpec, key: str) -> tuple[Path, Path]:
-        stem = re.sub(r"[^A-Za-z0-9_]+", "_", spec.kernel.split("::")[-1])
-        folder = cache_dir() / self.arch
-        return folder / f"{stem}-{key[:32]}.cubin", folder / f"{stem}-{key[:32]}.json"
-
     def _load(self, spec: KernelSpec, key: str) -> CompiledCubin | None:
-        cubin_path, meta_path = self._paths(spec, key)
-        try:
-            meta = json.loads(meta_path.read_text())
-            cubin = cubin_path.read_bytes()
-        except (OSError, ValueError):
-            return None
-        if meta.get("key") != key or len(cubin) != meta.get("size"):
-            return None
-        return CompiledCubin(spec, self.arch, cubin, meta["mangled_name"], 0.0, True)
+        found = disk_read(spec, self.arch, key)
+        return None if found is None else CompiledCubin(spec, self.arch, found[0], found[1]["mangled_name"], 0.0, True)
 
     def _store(self, key: str, compiled: CompiledCubin) -> None:
-        cubin_path, meta_path = self._paths(compiled.spec, key)
-        meta = {"key": key, "size": len(compiled.cubin), "mangled_name": compiled.mangled_name,
-                "kernel": compiled.spec.display_name}
-        try:
-            cubin_path.parent.mkdir(parents=True, exist_ok=True)
-            # The cubin lands first and the metadata (which names its size) last: a reader that finds
-            # the metadata finds a complete cubin.
-            _atomic_write(cubin_path, compiled.cubin)
-            _atomic_write(meta_path, json.dumps(meta).encode())
-        except OSError:
-            pass  # a read-only or full cache folder costs a recompile next time, nothing more
+        disk_write(compiled, key)
+
+
+def _cache_paths(spec: KernelSpec, arch: str, key: str) -> tuple[Path, Path]:
+    stem = re.sub(r"[^A-Za-z0-9_]+", "_", spec.kernel.split("::")[-1])
+    folder = cache_dir() / arch
+    return folder / f"{stem}-{key[:32]}.cubin", folder / f"{stem}-{key[:32]}.json"
+
+
+def disk_read(spec: KernelSpec, arch: str, key: str) -> tuple[bytes, dict] | None:
+    """``(cubin, metadata)`` of a complete cache entry for ``key``, or None."""
+    cubin_path, meta_path = _cache_paths(spec, arch, key)
+    try:
+        meta = json.loads(meta_path.read_text())
+        cubin = cubin_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or len(cubin) != meta.get("size"):
+        return None
+    return cubin, meta
+
+
+def disk_write(compiled: CompiledCubin, key: str, **extra) -> None:
+    """Store a compiled cubin under ``key``; ``extra`` goes into its metadata."""
+    cubin_path, meta_path = _cache_paths(compiled.spec, compiled.arch, key)
+    meta = {"key": key, "size": len(compiled.cubin), "mangled_name": compiled.mangled_name,
+            "kernel": compiled.spec.display_name, **extra}
+    try:
+        cubin_path.parent.mkdir(parents=True, exist_ok=True)
+        # The cubin lands first and the metadata (which names its size) last: a reader that finds
+        # the metadata finds a complete cubin.
+        _atomic_write(cubin_path, compiled.cubin)
+        _atomic_write(meta_path, json.dumps(meta).encode())
+    except OSError:
+        pass  # a read-only or full cache folder costs a recompile next time, nothing more
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -39,21 +39,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import re
 import shutil
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import CompileError, GraphCaptureError, UnavailableError
-from .compiler import CompiledCubin, _atomic_write, cache_dir, capturing, device_arch, included_headers, kernel_dir
+from .compiler import CachingCompiler, CompiledCubin, cache_digest, capturing, disk_read, disk_write, kernel_dir
 from .spec import KernelSpec
 
 CACHE_FORMAT = 1
@@ -224,19 +221,16 @@ def nvshmem_module_init(kernel, device_index: int) -> None:
 
 # -- the compiler --------------------------------------------------------------------------------
 
-class NvshmemCompiler:
+class NvshmemCompiler(CachingCompiler):
     """Compiles :class:`KernelSpec` s whose headers call NVSHMEM, for one architecture; thread-safe;
     caches on disk and in memory.  Raises :class:`UnavailableError` at construction when nvcc, the
     NVSHMEM wheel (headers + ``libnvshmem_device.a``) or nvJitLink is missing."""
 
     def __init__(self, arch: str | None = None, *, use_disk_cache: bool = True):
         self.tools = toolchain()
-        self.arch = arch or device_arch()
+        super().__init__(arch, use_disk_cache)
         if not re.fullmatch(r"sm_\d+a?", self.arch):
             raise ValueError(f"arch must look like 'sm_90', got {self.arch!r}")
-        self.use_disk_cache = use_disk_cache
-        self._memory: dict[str, LinkedCubin] = {}
-        self._lock = threading.Lock()
 
     def options(self) -> list[str]:
         """nvcc flags (besides the input and output files)."""
@@ -255,30 +249,7 @@ class NvshmemCompiler:
                 f"static void* const lowlat_instantiate = reinterpret_cast<void*>(&{spec.name_expression});\n")
 
     def cache_key(self, spec: KernelSpec) -> str:
-        source = self.translation_unit(spec)
-        digest = hashlib.sha256()
-        for part in (source, self.arch, " ".join(self.options()), self.tools.fingerprint()):
-            digest.update(part.encode())
-            digest.update(b"\0")
-        for header in included_headers(source, kernel_dir()):
-            digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
-        return digest.hexdigest()
-
-    def compile(self, spec: KernelSpec) -> LinkedCubin:
-        key = self.cache_key(spec)
-        cached = self._memory.get(key)
-        if cached is not None:
-            return cached
-        if capturing():
-            raise GraphCaptureError(f"{spec.display_name} is not compiled yet and a CUDA graph is being captured; "
-                                    "compile and load it before capture")
-        compiled = self._load(spec, key) if self.use_disk_cache else None
-        if compiled is None:
-            compiled = self._compile_now(spec)
-            if self.use_disk_cache:
-                self._store(key, compiled)
-        with self._lock:
-            return self._memory.setdefault(key, compiled)
+        return cache_digest(self.translation_unit(spec), self.arch, " ".join(self.options()), self.tools.fingerprint())
 
     def _compile_now(self, spec: KernelSpec) -> LinkedCubin:
         start = time.perf_counter()
@@ -317,35 +288,17 @@ class NvshmemCompiler:
         finally:
             linker.close()
 
-    # -- disk cache (same discipline as compiler.Compiler) ------------------------------------------
-
-    def _paths(self, spec: KernelSpec, key: str) -> tuple[Path, Path]:
-        stem = re.sub(r"[^A-Za-z0-9_]+", "_", spec.kernel.split("::")[-1])
-        folder = cache_dir() / self.arch
-        return folder / f"{stem}-{key[:32]}.cubin", folder / f"{stem}-{key[:32]}.json"
+    # -- disk cache (compiler.disk_read / disk_write, as for NVRTC cubins) ---------------------------
 
     def _load(self, spec: KernelSpec, key: str) -> LinkedCubin | None:
-        cubin_path, meta_path = self._paths(spec, key)
-        try:
-            meta = json.loads(meta_path.read_text())
-            cubin = cubin_path.read_bytes()
-        except (OSError, ValueError):
+        found = disk_read(spec, self.arch, key)
+        if found is None:
             return None
-        if meta.get("key") != key or len(cubin) != meta.get("size"):
-            return None
-        return LinkedCubin(spec, self.arch, cubin, meta["mangled_name"], 0.0, True,
+        return LinkedCubin(spec, self.arch, found[0], found[1]["mangled_name"], 0.0, True,
                            module_init=nvshmem_module_init, nvshmem_version=self.tools.nvshmem_version)
 
     def _store(self, key: str, compiled: LinkedCubin) -> None:
-        cubin_path, meta_path = self._paths(compiled.spec, key)
-        meta = {"key": key, "size": len(compiled.cubin), "mangled_name": compiled.mangled_name,
-                "kernel": compiled.spec.display_name, "linked_with": f"nvshmem {compiled.nvshmem_version}"}
-        try:
-            cubin_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cubin_path, compiled.cubin)  # the cubin first, the metadata naming its size last
-            _atomic_write(meta_path, json.dumps(meta).encode())
-        except OSError:
-            pass  # a read-only or full cache folder costs a recompile next time, nothing more
+        disk_write(compiled, key, linked_with=f"nvshmem {compiled.nvshmem_version}")
 
 
 # -- finding the kernel in the linked cubin ------------------------------------------------------
