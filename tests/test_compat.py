@@ -5,6 +5,8 @@ dtype; tests/test_gpu_compat.py runs the same session on a GPU, one process and 
 import pytest
 import torch
 
+import lowlat
+import lowlat.normal
 from lowlat import layout
 from lowlat.compat import deep_ep
 from lowlat.errors import ArgumentError, ArgumentTypeError, StaleHandleError, UnavailableError
@@ -107,8 +109,7 @@ def test_region_is_set_up_in_the_constructor_and_shapes_are_carved_from_num_rdma
     b.low_latency_dispatch(x, topk, T, E)
     with pytest.raises(ArgumentError, match="num_rdma_bytes=.* is too small"):
         b.low_latency_dispatch(x, topk, T + 1, E)  # a second shape does not fit next to the first
-    with pytest.raises(UnavailableError, match="use_rdma_buffer=True"):
-        b.get_local_buffer_tensor(torch.int32)
+    assert b.get_local_buffer_tensor(torch.int32).numel() == 0  # num_nvl_bytes=0: an empty NVLink buffer
 
 
 def test_static_helpers_and_destroy_semantics():
@@ -130,8 +131,8 @@ def test_static_helpers_and_destroy_semantics():
 
 
 def test_construction_errors_are_clear():
-    with pytest.raises(UnavailableError, match="low_latency_mode=True"):
-        deep_ep.Buffer(None, 1 << 20, 0)
+    with pytest.raises(ArgumentTypeError, match="group must be"):
+        deep_ep.Buffer(None, 1 << 20, 0)  # normal mode
     with pytest.raises(ArgumentTypeError, match="group must be"):
         deep_ep.Buffer(None, 0, 1 << 20, low_latency_mode=True)
     world = LocalWorld(1, 2**21, "cpu")
@@ -145,3 +146,50 @@ def test_size_hint_covers_every_topk():
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
     for k in (1, 8, 32):
         assert layout.RegionLayout.of(layout.BufferShape(8, 256, k, 7168, 128)).total_bytes <= hint
+
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_normal_mode_with_deepep_signatures(fp8):
+    """DeepEP's intranode normal mode through the facade on virtual CPU ranks: layout, dispatch (then a
+    cached one) and combine, as DeepEP's users call them, bit-exact against lowlat.reference; the
+    low-latency mode keeps working on the same Buffer."""
+    from normal_helpers import check_combine, check_dispatch, expert_outputs, make_inputs, reference_dispatch, run_ranks
+    from lowlat import reference
+
+    R, n, hidden, experts, topk = 2, 12, 256, 8, 3
+    nvl = lowlat.normal.NormalBuffer.region_bytes(num_ranks=R, hidden=hidden, num_experts=experts, max_tokens_per_rank=64,
+                                                  max_topk=topk)
+    rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E)
+    world = LocalWorld(R, rdma + nvl, "cpu")
+    buffers = [deep_ep.Buffer(world.transport(r), nvl, rdma, low_latency_mode=True, timeout_s=20.0) for r in range(R)]
+    inputs = make_inputs(R, n, hidden, experts, topk, seed=3)
+
+    def dispatch(r, b):
+        i = inputs[r]
+        per_rank, per_rdma_rank, per_expert, in_rank, event = b.get_dispatch_layout(i.topk_idx, experts)
+        assert per_rdma_rank is None
+        want = reference.reference_normal_layout(i.topk_idx, experts, R)
+        for got, ref in zip((per_rank, per_expert, in_rank), want):
+            assert torch.equal(got, ref)
+        x = (i.x_fp8, i.x_scales) if fp8 else i.x
+        return b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                          topk_idx=i.topk_idx, topk_weights=i.topk_weights, config=deep_ep.Buffer.get_dispatch_config(R))
+
+    results = run_ranks(buffers, dispatch)
+    refs = reference_dispatch(inputs, experts, fp8=fp8)
+    check_dispatch(results, refs, fp8=fp8)
+    again = run_ranks(buffers, lambda r, b: b.dispatch((inputs[r].x_fp8, inputs[r].x_scales) if fp8 else inputs[r].x,
+                                                       handle=results[r][4]))
+    assert all(a[1:5] == (None, None, None, None) for a in again)  # DeepEP's cached dispatch returns recv_x and the event
+    ys = expert_outputs(results, refs, fp8=fp8)
+    outs = run_ranks(buffers, lambda r, b: b.combine(ys[r], results[r][4], topk_weights=results[r][2]))
+    counts = [ref.recv_x.shape[0] for ref in refs]
+    want = reference.reference_normal_combine([y[:c] for y, c in zip(ys, counts)], refs, [i.num_tokens for i in inputs],
+                                              topk_weights=[res[2][:c] for res, c in zip(results, counts)])
+    check_combine(outs, want)
+    with pytest.raises(UnavailableError, match="internode"):
+        buffers[0].dispatch(inputs[0].x, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32, device="cpu"))
+    assert buffers[0].get_local_buffer_tensor(torch.uint8).numel() == nvl
+    # The low-latency mode on the same Buffers, in the region before the normal mode's.
+    in_threads(lambda r: run_rank(buffers[r], r, R, num_tokens=T, hidden=H, num_experts=E, num_topk=K, device=torch.device("cpu")), R)

@@ -15,9 +15,16 @@ them, and returns the same tensors:
   (where the caller wrote them); ``x`` is the caller's tensor of the same shape and dtype.
 * One rank mask and one communication stream for the whole Buffer.
 
+Normal (high-throughput) mode, intranode: ``get_dispatch_layout``, ``dispatch`` and ``combine`` with
+DeepEP's signatures, on :class:`lowlat.normal.NormalBuffer` in the ``num_nvl_bytes`` part of the
+region (after the ``num_rdma_bytes`` of the low-latency mode, so both modes live side by side and no
+``clean_low_latency_buffer`` is needed between them).  Its shape (hidden, experts, top-k) is fixed by
+the first dispatch, with room for as many tokens per rank as ``num_nvl_bytes`` holds.
+
 Deliberately different: any batch works (DeepEP refuses ``num_ranks * T % 4 != 0`` and has a hidden
-and top-k whitelist); ``allow_nvlink_for_low_latency_mode=False`` and normal (high-throughput) mode
-are not provided yet and raise ``UnavailableError``.
+and top-k whitelist); ``get_dispatch_layout`` runs as torch ops (DeepEP calls it before the hidden size,
+which lowlat's kernels are specialised on, is known); ``allow_nvlink_for_low_latency_mode=False`` and
+internode normal mode are not provided yet and raise ``UnavailableError``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from ..buffer import Buffer as _LowLatBuffer, _group_size, _ipc_transport
 from ..errors import ArgumentError, ArgumentTypeError, GraphCaptureError, UnavailableError
 from ..handle import DispatchHandle, EventOverlap
 from ..layout import BufferShape, RegionLayout
+from ..normal import NormalBuffer, NormalConfig, NormalHandle
 from ..outputs import capturing_now
 from ..transport.base import Transport
 
@@ -46,8 +54,6 @@ class Buffer:
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None,
                  **lowlat_options):
         self._destroyed = True  # until the region exists, nothing to release
-        if not low_latency_mode:
-            raise UnavailableError("lowlat.compat.deep_ep.Buffer provides the low-latency mode only: pass low_latency_mode=True")
         if group is None:
             raise ArgumentTypeError("group must be a torch.distributed ProcessGroup (mpi4py communicators are not supported)"
                                     if comm is not None else "group must be a torch.distributed ProcessGroup, got None")
@@ -60,18 +66,20 @@ class Buffer:
         self.group = group
         self.group_size = _group_size(group)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
-        self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = True, explicitly_destroy, enable_shrink
+        self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = low_latency_mode, explicitly_destroy, enable_shrink
         self._options = dict(lowlat_options)
         for reserved in ("fresh_outputs", "enable_zero_copy", "rank_mask"):
             if reserved in self._options:
                 raise ArgumentError(f"{reserved} is set by the facade (fresh outputs, zero-copy on request, one mask)")
         # The collective part, now: every rank's region of num_rdma_bytes, mapped by every peer.
+        # One region per rank: [0, num_rdma_bytes) for the low-latency mode, then num_nvl_bytes for normal mode.
         if isinstance(group, Transport):
-            if group.region_bytes < num_rdma_bytes:
-                raise ArgumentError(f"num_rdma_bytes={num_rdma_bytes} exceeds the transport's {group.region_bytes}-byte region")
+            if group.region_bytes < num_rdma_bytes + num_nvl_bytes:
+                raise ArgumentError(f"num_rdma_bytes + num_nvl_bytes = {num_rdma_bytes + num_nvl_bytes} exceeds the transport's "
+                                    f"{group.region_bytes}-byte region")
             self.transport = group
         else:
-            self.transport = _ipc_transport(group, self._options.pop("transport", "auto"), max(num_rdma_bytes, 2**21))
+            self.transport = _ipc_transport(group, self._options.pop("transport", "auto"), max(num_rdma_bytes + num_nvl_bytes, 2**21))
         self.rank = self.transport.rank
         self.device = self.transport.device
         if self.device.type == "cuda" and getattr(self.transport, "stream", None) is None:
@@ -80,6 +88,8 @@ class Buffer:
         self._buffers: dict[tuple, _LowLatBuffer] = {}
         self._by_id: dict[int, _LowLatBuffer] = {}
         self._carved = 0
+        self._normal: dict[tuple, NormalBuffer] = {}
+        self._normal_by_id: dict[int, NormalBuffer] = {}
         self._destroyed = False
 
     # -- shapes ---------------------------------------------------------------------------------------
@@ -190,6 +200,117 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         self._mask.zero_()
 
+    # -- normal (high-throughput) mode, intranode ----------------------------------------------------
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> NormalConfig:
+        return NormalBuffer.get_dispatch_config(num_ranks)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> NormalConfig:
+        return NormalBuffer.get_combine_config(num_ranks)
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's layout: ``(num_tokens_per_rank int32 [R], None (no RDMA ranks within a node),
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [n, R], event)``, as torch ops on the
+        current stream.  Indices outside ``[-1, num_experts)`` count nowhere (dispatch reports them)."""
+        self._alive()
+        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.dtype not in (torch.int64, torch.int32):
+            raise ArgumentError(f"topk_idx must be an int64 or int32 [num_tokens, num_topk] tensor, got "
+                                f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
+            raise ArgumentError(f"num_experts must be a positive multiple of the {self.group_size} ranks, got {num_experts!r}")
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        ranks, topk = self.group_size, topk_idx.to(torch.int64)
+        valid = (topk >= 0) & (topk < num_experts)
+        owner = torch.where(valid, topk // (num_experts // ranks), ranks)
+        in_rank = torch.zeros(topk.shape[0], ranks + 1, dtype=torch.bool, device=topk.device).scatter_(1, owner, True)[:, :ranks].contiguous()
+        per_rank = in_rank.sum(dim=0, dtype=torch.int32)
+        per_expert = torch.bincount(topk[valid], minlength=num_experts).to(torch.int32)
+        return per_rank, None, per_expert, in_rank, (self.capture() if async_finish else EventOverlap())
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                 num_tokens_per_expert=None, topk_idx=None, topk_weights=None, expert_alignment: int = 1,
+                 num_worst_tokens: int = 0, config=None, previous_event=None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """DeepEP's intranode ``dispatch``: ``(recv_x, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event)``; a cached dispatch (``handle=``) returns
+        ``(recv_x, None, None, None, None, event)`` as DeepEP does."""
+        if num_tokens_per_rdma_rank is not None:
+            raise UnavailableError("internode normal mode (num_tokens_per_rdma_rank) is not provided yet: one node only")
+        if handle is not None:
+            buffer = self._normal_owner(handle)
+        else:
+            data = x[0] if isinstance(x, tuple) else x
+            if not isinstance(data, torch.Tensor) or data.dim() != 2:
+                raise ArgumentError(f"x must be a [num_tokens, hidden] tensor or an (fp8, scales) tuple, got {type(x).__name__}")
+            if not isinstance(num_tokens_per_expert, torch.Tensor):
+                raise ArgumentError("a dispatch without handle= needs num_tokens_per_expert (from get_dispatch_layout)")
+            num_topk = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 1
+            buffer = self._normal_buffer(data.shape[1], num_tokens_per_expert.numel(), num_topk)
+        result = buffer.dispatch(x, handle=handle, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                                 num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+                                 expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
+                                 previous_event=previous_event, async_finish=async_finish,
+                                 allocate_on_comm_stream=allocate_on_comm_stream)
+        if handle is not None:
+            return result[0], None, None, None, None, result[5]
+        return result
+
+    def combine(self, x: torch.Tensor, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's intranode ``combine``: ``(combined_x, combined_topk_weights, event)``."""
+        return self._normal_owner(handle).combine(x, handle, topk_weights=topk_weights, bias=bias, config=config,
+                                                  previous_event=previous_event, async_finish=async_finish,
+                                                  allocate_on_comm_stream=allocate_on_comm_stream)
+
+    def internode_dispatch(self, *args, **kwargs):
+        raise UnavailableError("internode normal mode is not provided yet: lowlat's normal mode is intranode")
+
+    def internode_combine(self, *args, **kwargs):
+        raise UnavailableError("internode normal mode is not provided yet: lowlat's normal mode is intranode")
+
+    def _normal_buffer(self, hidden: int, num_experts: int, num_topk: int) -> NormalBuffer:
+        key = (hidden, num_experts, num_topk)
+        buffer = self._normal.get(key)
+        if buffer is not None:
+            return buffer
+        self._alive()
+        if capturing_now():
+            raise GraphCaptureError("the first normal-mode dispatch builds its buffer and compiles its kernels: run it before capture")
+        if self._normal:
+            raise ArgumentError(f"normal mode is set up for (hidden, num_experts, num_topk) = {next(iter(self._normal))}; "
+                                f"a second shape {key} does not fit next to it in num_nvl_bytes={self.num_nvl_bytes}")
+
+        def size(tokens: int) -> int:
+            return NormalBuffer.region_bytes(num_ranks=self.group_size, hidden=hidden, num_experts=num_experts,
+                                             max_tokens_per_rank=tokens, max_topk=num_topk)
+
+        if size(1) > self.num_nvl_bytes:
+            raise ArgumentError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for normal mode at hidden {hidden}: one token "
+                                f"per rank needs {size(1)} bytes")
+        low, high = 1, 1  # the most tokens per rank that num_nvl_bytes holds
+        while high < 2**24 and size(2 * high) <= self.num_nvl_bytes:
+            high *= 2
+        low, high = high, min(2 * high, 2**24)
+        while low + 1 < high:
+            mid = (low + high) // 2
+            low, high = (mid, high) if size(mid) <= self.num_nvl_bytes else (low, mid)
+        options = {k: v for k, v in self._options.items() if k == "timeout_s"}
+        buffer = NormalBuffer(self.transport, hidden=hidden, num_experts=num_experts, max_tokens_per_rank=low, max_topk=num_topk,
+                              region_offset=self.num_rdma_bytes, **options)
+        self._normal[key] = buffer
+        self._normal_by_id[buffer.buffer_id] = buffer
+        return buffer
+
+    def _normal_owner(self, handle) -> NormalBuffer:
+        buffer = self._normal_by_id.get(getattr(handle, "buffer_id", None)) if isinstance(handle, NormalHandle) else None
+        if buffer is None:
+            raise ArgumentError(f"handle must be the handle this Buffer's dispatch returned, got {type(handle).__name__}")
+        return buffer
+
     # -- odds and ends ------------------------------------------------------------------------------------
 
     def get_comm_stream(self) -> torch.cuda.Stream | None:
@@ -198,13 +319,14 @@ class Buffer:
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: torch.Size | None = None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
         """This rank's symmetric region as a ``dtype`` tensor from element ``offset`` (``size``: a view of
-        that many elements).  Low-latency mode lives in the RDMA buffer; there is no NVLink buffer."""
+        that many elements): the RDMA buffer (low-latency mode) or the NVLink buffer (normal mode)."""
         self._alive()
-        if not use_rdma_buffer:
-            raise UnavailableError("lowlat has no NVLink (normal-mode) buffer: pass use_rdma_buffer=True")
         if not isinstance(dtype, torch.dtype):
             raise ArgumentTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-        region = self.transport.region[: self.num_rdma_bytes]
+        if use_rdma_buffer:
+            region = self.transport.region[: self.num_rdma_bytes]
+        else:
+            region = self.transport.region[self.num_rdma_bytes: self.num_rdma_bytes + self.num_nvl_bytes]
         itemsize = torch.empty(0, dtype=dtype, device="cpu").element_size()
         elements = region[: region.numel() // itemsize * itemsize].view(dtype)
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= elements.numel():
@@ -231,6 +353,8 @@ class Buffer:
         self._destroyed = True
         self._buffers.clear()
         self._by_id.clear()
+        self._normal.clear()
+        self._normal_by_id.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.transport.close()
