@@ -28,9 +28,10 @@ from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCapture
                      RoutingError, StaleHandleError, UnavailableError)
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
+from .jit.compiler import capturing
 from .jit.launch import context_ready, current_stream_handle, ensure_context
 from .ops.context import KernelConfig, RankContext
-from .outputs import CombineOutput, OutputSet, Pool, capturing_now
+from .outputs import CombineOutput, OutputSet, Pool
 from .streams import EventRing, RawEvent
 from .transport.base import Transport
 from .transport.local import LocalWorld
@@ -41,11 +42,6 @@ _KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is
 _NO_EVENT = EventOverlap()  # what synchronous and hook-mode calls return (nothing to wait for)
 _DISPATCH_FLAGS = ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook")
 _COMBINE_FLAGS = ("use_logfmt", "zero_copy", "async_finish", "return_recv_hook")
-
-
-def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (set-up work must not happen then)."""
-    return capturing_now()
 
 
 @dataclasses.dataclass(frozen=True)

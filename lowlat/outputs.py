@@ -29,17 +29,6 @@ from .ops.dispatch import DispatchOutputs
 _use_count = torch._C._storage_Use_Count
 
 
-_cuda_available: bool | None = None
-
-
-def capturing_now() -> bool:
-    """Whether the current CUDA stream is capturing a graph (cheap; False without CUDA)."""
-    global _cuda_available
-    if _cuda_available is None:
-        _cuda_available = torch.cuda.is_available()
-    return _cuda_available and torch._C._cuda_isCurrentStreamCapturing()
-
-
 class _Reusable:
     """Something a pool hands out again once nothing else refers to its storage."""
 

@@ -36,7 +36,7 @@ from ..errors import ArgumentError, ArgumentTypeError, GraphCaptureError, Unavai
 from ..handle import DispatchHandle, EventOverlap
 from ..layout import BufferShape, RegionLayout
 from ..normal import NormalBuffer, NormalConfig, NormalHandle
-from ..outputs import capturing_now
+from ..jit.compiler import capturing
 from ..transport.base import Transport
 
 topk_idx_t = torch.int64  # DeepEP's default build; int32 top-k indices work here too
@@ -104,7 +104,7 @@ class Buffer:
         if buffer is not None:
             return buffer
         self._alive()
-        if capturing_now():
+        if capturing():
             raise GraphCaptureError(f"the first call with shape (T={max_tokens}, hidden={hidden}, experts={num_experts}, "
                                     f"topk={num_topk}) compiles its kernels: run it once before CUDA graph capture")
         shape = BufferShape(self.group_size, num_experts, num_topk, hidden, max_tokens)
@@ -278,7 +278,7 @@ class Buffer:
         if buffer is not None:
             return buffer
         self._alive()
-        if capturing_now():
+        if capturing():
             raise GraphCaptureError("the first normal-mode dispatch builds its buffer and compiles its kernels: run it before capture")
         if self._normal:
             raise ArgumentError(f"normal mode is set up for (hidden, num_experts, num_topk) = {next(iter(self._normal))}; "

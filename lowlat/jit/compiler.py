@@ -124,11 +124,18 @@ class CompiledCubin:
     from_cache: bool
 
 
+_cuda_available: bool | None = None
+
+
 def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (set-up work must not happen then)."""
+    """Whether the current CUDA stream is capturing a graph (set-up work must not happen then).
+    Cheap enough for every call's host path: CUDA's availability is looked up once."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    global _cuda_available
+    if _cuda_available is None:
+        _cuda_available = torch.cuda.is_available()
+    return _cuda_available and torch._C._cuda_isCurrentStreamCapturing()
 
 
 def cache_digest(source: str, arch: str, options: str, toolchain: str) -> str:
