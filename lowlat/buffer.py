@@ -34,7 +34,7 @@ from .ops.context import KernelConfig, RankContext
 from .outputs import CombineOutput, OutputSet, Pool
 from .streams import EventRing, RawEvent
 from .transport.base import Transport
-from .transport.local import LocalWorld
+from .transport.local import LocalWorld, resolve_device
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
@@ -81,12 +81,7 @@ def _on_own_device(method):
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        index = self._device_index
-        if index is not None and (torch._C._cuda_getDevice() != index or not context_ready(index)):
-            with torch.cuda.device(index):
-                ensure_context(index)
-                return method(self, *args, **kwargs)
-        return method(self, *args, **kwargs)
+        return self.run(method, self, *args, **kwargs)
 
     return call
 
@@ -169,11 +164,7 @@ class Buffer:
         """
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         probe = BufferShape(num_ranks, kwargs["num_experts"], kwargs["num_topk"], kwargs["hidden"], kwargs["max_tokens_per_rank"])
         world = LocalWorld(num_ranks, RegionLayout.of(probe).total_bytes, device)
         return [cls(world.transport(rank), **kwargs) for rank in range(num_ranks)]
@@ -284,15 +275,16 @@ class Buffer:
                 async_finish, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
         return recv_x, recv_count, handle, event, hook
 
-    def run(self, call, *args):
-        """``call(*args)`` with this Buffer's device current (the DeepEP facade's way in to the
-        positional cores ``_dispatch`` / ``_combine``)."""
+    def run(self, call, *args, **kwargs):
+        """``call(*args, **kwargs)`` with this Buffer's device (and its context) current: the one
+        device guard of every call, also the DeepEP facade's way in to the positional cores
+        ``_dispatch`` / ``_combine``."""
         index = self._device_index
         if index is not None and (torch._C._cuda_getDevice() != index or not context_ready(index)):
             with torch.cuda.device(index):
                 ensure_context(index)
-                return call(*args)
-        return call(*args)
+                return call(*args, **kwargs)
+        return call(*args, **kwargs)
 
     def _take_outputs(self) -> OutputSet:
         self._dispatches += 1

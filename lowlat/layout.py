@@ -64,6 +64,26 @@ class StatusCode(enum.IntEnum):
     ROUTE_OVERFLOW = 7
 
 
+def check_ep_shape(shape, fields: tuple[str, ...], *, max_ranks: int | None = None, max_experts: int = MAX_EXPERTS) -> None:
+    """The checks every expert-parallel shape shares (low-latency and normal mode): each of ``fields``
+    a positive int, at most ``max_ranks`` ranks, hidden a multiple of 128, experts a multiple of the
+    ranks and at most ``max_experts``."""
+    for name in fields:
+        value = getattr(shape, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ArgumentError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ArgumentError(f"{name} must be >= 1, got {value}")
+    if max_ranks is not None and shape.num_ranks > max_ranks:
+        raise ArgumentError(f"num_ranks={shape.num_ranks} exceeds the supported maximum {max_ranks}")
+    if shape.hidden % 128:
+        raise ArgumentError(f"hidden must be a multiple of 128, got {shape.hidden}")
+    if shape.num_experts % shape.num_ranks:
+        raise ArgumentError(f"num_experts={shape.num_experts} must be divisible by num_ranks={shape.num_ranks}")
+    if shape.num_experts > max_experts:
+        raise ArgumentError(f"num_experts={shape.num_experts} exceeds the supported maximum {max_experts}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BufferShape:
     """Every static shape of a low-latency Buffer.
@@ -79,18 +99,7 @@ class BufferShape:
     max_tokens_per_rank: int
 
     def __post_init__(self):
-        for name in ("num_ranks", "num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ArgumentError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ArgumentError(f"{name} must be >= 1, got {value}")
-        if self.hidden % 128:
-            raise ArgumentError(f"hidden must be a multiple of 128, got {self.hidden}")
-        if self.num_experts % self.num_ranks:
-            raise ArgumentError(f"num_experts={self.num_experts} must be divisible by num_ranks={self.num_ranks}")
-        if self.num_experts > MAX_EXPERTS:
-            raise ArgumentError(f"num_experts={self.num_experts} exceeds the supported maximum {MAX_EXPERTS}")
+        check_ep_shape(self, ("num_ranks", "num_experts", "num_topk", "hidden", "max_tokens_per_rank"))
         if self.num_topk > min(MAX_TOPK, self.num_experts):
             raise ArgumentError(f"num_topk={self.num_topk} must be <= min({MAX_TOPK}, num_experts={self.num_experts})")
         if self.max_tokens_per_rank * MAX_TOPK >= 2**31:

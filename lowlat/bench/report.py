@@ -77,13 +77,22 @@ def plot(out: Path, points: list[dict], title: str, stem: str) -> Path | None:
             ax.plot(tokens, [p[op]["us"] for p in series], "o-", label=f"lowlat R={ranks}")
             ax.plot(tokens, [p[op]["torch_us"] for p in series], "s--", label=f"torch reference R={ranks}")
             ax.plot(tokens, [p[op]["floor_us"] for p in series], ":", label=f"HBM floor R={ranks}")
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens per rank")
-        ax.set_ylabel("microseconds")
-        ax.set_title(op)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        style_axis(ax, op, legend_size=7)
+    return save_figure(plt, fig, out, title, stem)
+
+
+def style_axis(ax, title: str, *, legend_size: int = 8) -> None:
+    """Microseconds against tokens per rank (log2), with a grid and a legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("microseconds")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(plt, fig, out: Path, title: str, stem: str) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = out / f"{stem}.png"

@@ -201,7 +201,7 @@ def table(points: list[dict]) -> str:
 
 
 def _plot(out, points, title, stem):
-    from .report import pyplot
+    from .report import pyplot, save_figure, style_axis
 
     plt = pyplot()
     if plt is None:
@@ -213,15 +213,5 @@ def _plot(out, points, title, stem):
                                          ("eager dispatch + combine", lambda r: r["eager_step_us"]))):
         for library, style in (("lowlat", "o-"), ("deepep", "s--")):
             ax.plot(tokens, [pick(p[library]) for p in points], style, label="DeepEP V1" if library == "deepep" else "lowlat")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens per rank")
-        ax.set_ylabel("microseconds")
-        ax.set_title(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = out / f"{stem}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        style_axis(ax, label)
+    return save_figure(plt, fig, out, title, stem)

@@ -24,7 +24,7 @@ from ..errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCaptur
 from ..handle import EventOverlap
 from ..jit.compiler import capturing
 from ..transport.base import Transport
-from ..transport.local import LocalTransport, LocalWorld
+from ..transport.local import LocalTransport, LocalWorld, resolve_device
 from .engine import EmulatedNormalEngine, KernelNormalEngine, NormalContext
 from .layout import NormalLayout, NormalShape, NormalStatus, NormalWord
 from .ops import NormalKernels
@@ -213,11 +213,7 @@ class NormalBuffer:
         synchronise (a dispatch without ``num_worst_tokens``), or each rank on its own stream."""
         if capturing():
             raise GraphCaptureError("a NormalBuffer allocates and compiles: build it before CUDA graph capture")
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         size = cls.region_bytes(num_ranks=num_ranks, hidden=kwargs["hidden"], num_experts=kwargs["num_experts"],
                                 max_tokens_per_rank=kwargs["max_tokens_per_rank"], max_topk=kwargs.get("max_topk", 16))
         world = LocalWorld(num_ranks, size, device)

@@ -32,6 +32,7 @@ import dataclasses
 import enum
 
 from ..errors import ArgumentError
+from ..layout import check_ep_shape
 
 ALIGN = 128
 MAX_RANKS = 32  # one lane per destination rank in the warp-level send loops
@@ -78,20 +79,8 @@ class NormalShape:
     max_topk: int = 16
 
     def __post_init__(self):
-        for name in ("num_ranks", "num_experts", "hidden", "max_tokens_per_rank", "max_topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ArgumentError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ArgumentError(f"{name} must be >= 1, got {value}")
-        if self.num_ranks > MAX_RANKS:
-            raise ArgumentError(f"num_ranks={self.num_ranks} exceeds normal mode's maximum {MAX_RANKS}")
-        if self.hidden % 128:
-            raise ArgumentError(f"hidden must be a multiple of 128, got {self.hidden}")
-        if self.num_experts % self.num_ranks:
-            raise ArgumentError(f"num_experts={self.num_experts} must be divisible by num_ranks={self.num_ranks}")
-        if self.num_experts > MAX_EXPERTS:
-            raise ArgumentError(f"num_experts={self.num_experts} exceeds the supported maximum {MAX_EXPERTS}")
+        check_ep_shape(self, ("num_ranks", "num_experts", "hidden", "max_tokens_per_rank", "max_topk"), max_ranks=MAX_RANKS,
+                       max_experts=MAX_EXPERTS)
         if self.max_topk > MAX_TOPK:
             raise ArgumentError(f"max_topk={self.max_topk} exceeds the supported maximum {MAX_TOPK}")
         if self.num_ranks * self.max_tokens_per_rank >= 2**31:

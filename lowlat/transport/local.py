@@ -25,6 +25,17 @@ from ..errors import ArgumentError
 from .base import Transport
 
 
+def resolve_device(device) -> torch.device:
+    """The device of a local group: ``device`` with its index filled in; by default the current GPU,
+    or the CPU (emulated engines) where there is none."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class LocalWorld:
     """The regions of ``num_ranks`` virtual ranks; ``world.transport(r)`` is rank r's view."""
 
