@@ -53,22 +53,26 @@ __device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restri
         if (rank.masked(s) || token < 0 || token >= T || k < 0 || k >= K) continue;
         const __nv_bfloat16* src = x + (static_cast<uint64_t>(l) * RT + j) * H + c * kChunk;
         const uint64_t chunk_offset = Reg::combine_slot(parity, token, k) + 2ull * kChunk * c;
+        // Puts read a staged copy in the slot's layout (data, then metadata words); pointers read src.
+        const uint64_t stage = Reg::combine_send_stage(row);
         if constexpr (!Cfg::kUseLogFMT) {
-            put_warp(peers, s, chunk_offset, src, 2 * kChunk);
+            put_staged_warp(peers, s, chunk_offset, src, 2 * kChunk, stage + 2ull * kChunk * c);
         } else {
             // Encode through shared memory; a chunk that does not suit the log grid goes raw from x.
             __shared__ __align__(16) uint8_t encoded[Cfg::kNumWarps][Chunk::kEncodedBytes];
-            __shared__ uint32_t meta[Cfg::kNumWarps][kChunk / 128];
+            __shared__ __align__(16) uint32_t meta[Cfg::kNumWarps][kChunk / 128];
             const bool encoded_ok = Chunk::encode(src, encoded[warp], meta[warp]);
             __syncwarp();
-            if (encoded_ok) put_warp(peers, s, chunk_offset, encoded[warp], Chunk::kEncodedBytes);
-            else put_warp(peers, s, chunk_offset, src, 2 * kChunk);
-            const uint64_t meta_offset = Reg::combine_slot(parity, token, k) + 2ull * H + 4ull * (c * (kChunk / 128));
-            if (lane < kChunk / 128) put_u32(peers, s, meta_offset + 4ull * lane, meta[warp][lane]);
+            if (encoded_ok) put_staged_warp(peers, s, chunk_offset, encoded[warp], Chunk::kEncodedBytes, stage + 2ull * kChunk * c);
+            else put_staged_warp(peers, s, chunk_offset, src, 2 * kChunk, stage + 2ull * kChunk * c);
+            const uint64_t meta_words = 2ull * H + 4ull * (c * (kChunk / 128));
+            put_staged_warp<uint32_t>(peers, s, Reg::combine_slot(parity, token, k) + meta_words, meta[warp], 4 * (kChunk / 128),
+                                      stage + meta_words);
             __syncwarp();
         }
     }
 
+    flush_puts();
     if (finish_block(blocks_done(state, kCombineSendDone))) {
         for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
             if (!rank.masked(peer)) signal(peers, peer, Reg::combine_flag(parity, rank.id), seq + 1);

@@ -62,6 +62,21 @@ __device__ __forceinline__ int ld_cg(const int* ptr) { return __ldcg(ptr); }
 __device__ __forceinline__ float ld_cg(const float* ptr) { return __ldcg(ptr); }
 __device__ __forceinline__ uint32_t ld_cg(const uint32_t* ptr) { return __ldcg(ptr); }
 
+// A warp copies n Words (int4 or uint32_t) from src to dst, kUnroll loads in flight per lane.  The
+// stores go through L2 (__stcg): the destination is usually a peer's memory or a staging area.
+template <class Word, int kUnroll = 4>
+__device__ __forceinline__ void store_warp(Word* dst, const Word* src, int n) {
+    int i = lane_id();
+    for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+        Word chunk[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) chunk[u] = src[i + 32 * u];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) __stcg(dst + i + 32 * u, chunk[u]);
+    }
+    for (; i < n; i += 32) __stcg(dst + i, src[i]);
+}
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
     uint64_t now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));

@@ -49,6 +49,11 @@ __device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& t
     const int dst = expert / Cfg::kNumLocalExperts, local_expert = expert % Cfg::kNumLocalExperts;
     if (rank.masked(dst)) return;
     const Peers peers = rank.peers();
+    const uint64_t table = Reg::dispatch_route(parity, local_expert, peers.rank, 0);
+    // Entries go straight into the owner's table when it is reachable by pointer; otherwise they are
+    // gathered in this rank's staging copy and put in one piece (one work request, not one per entry).
+    const bool direct = peers.by_pointer(dst);
+    auto* staged = reinterpret_cast<uint32_t*>(peers.local(Reg::route_stage(expert)));
     const int total = num_tokens * K;
     int count = 0;
 #pragma unroll 4
@@ -57,8 +62,15 @@ __device__ __forceinline__ void route_expert(int expert, const TopkTable<Cfg>& t
         const bool hit = i < total && topk_idx[i] == expert;
         const unsigned hits = __ballot_sync(kFullMask, hit);
         const int slot = count + __popc(hits & lanes_below(lane));
-        if (hit && slot < T) put_u32(peers, dst, Reg::dispatch_route(parity, local_expert, peers.rank, slot), route_entry(i / K, i % K));
+        if (hit && slot < T) {
+            if (direct) put_u32(peers, dst, table + 4ull * slot, route_entry(i / K, i % K));
+            else staged[slot] = route_entry(i / K, i % K);
+        }
         count += __popc(hits);
+    }
+    if (!direct) {
+        __syncwarp();
+        put_warp<uint32_t>(peers, dst, table, staged, 4 * min(count, T));
     }
     if (lane == 0) {
         if (count > T) report(rank.state, rank.status, kStatusRouteOverflow, rank.id, expert);  // a token named `expert` twice
@@ -99,12 +111,16 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
     const Peers peers = rank.peers();
     const int first = slice * kSlice;
     const __nv_bfloat16* row = x + static_cast<uint64_t>(token) * H;
-    const uint8_t* staged = nullptr;
+    uint8_t* const staged = peers.local(Reg::send_message(token));  // symmetric: a valid put source
     if constexpr (Cfg::kUseFP8) {
-        uint8_t* message = peers.local(Reg::send_message(token));
-        fp8::quantize_slice<H, kSlice>(row, first, message, round_scale);
+        fp8::quantize_slice<H, kSlice>(row, first, staged, round_scale);
         __syncwarp();
-        staged = message;
+    } else if constexpr (Peers::kMayPut) {
+        // bf16 goes straight from x to peers reached by pointer; puts read a staged copy (made once).
+        if (__any_sync(kFullMask, dst >= 0 && !peers.by_pointer(dst))) {
+            store_warp<int4>(reinterpret_cast<int4*>(staged) + first / 8, reinterpret_cast<const int4*>(row + first), kSlice / 8);
+            __syncwarp();
+        }
     }
     while (leaders != 0) {
         const int leader = __ffs(leaders) - 1;
@@ -113,10 +129,10 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
         const uint64_t message = Reg::dispatch_message(parity, peers.rank, token);
         if constexpr (Cfg::kUseFP8) {
             put_warp(peers, peer, message + first, staged + first, kSlice);
-            const auto* scales = reinterpret_cast<const uint32_t*>(staged + H) + first / 128;
-            if (lane < kSlice / 128) put_u32(peers, peer, message + H + 4ull * (first / 128 + lane), scales[lane]);
+            put_warp<uint32_t>(peers, peer, message + H + 4ull * (first / 128), staged + H + 4 * (first / 128), 4 * (kSlice / 128));
         } else {
-            put_warp(peers, peer, message + 2ull * first, row + first, 2 * kSlice);
+            const void* source = peers.by_pointer(peer) ? static_cast<const void*>(row + first) : staged + 2ull * first;
+            put_warp(peers, peer, message + 2ull * first, source, 2 * kSlice);
         }
     }
 }
@@ -201,6 +217,7 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
         }
     }
 
+    flush_puts();
     if (finish_block(blocks_done(state, kDispatchSendDone))) {
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
             if (!rank.masked(peer)) signal(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);

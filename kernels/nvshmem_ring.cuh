@@ -1,5 +1,5 @@
 // The NVSHMEM transport's smoke test: every PE sends one message to the next PE of a ring and
-// receives one from the previous, through kernels/nvshmem_transport.cuh (pointer path or puts,
+// receives one from the previous, through kernels/transport.cuh's NVSHMEM flavour (pointer path or puts,
 // per peer).  One block of kNumWarps warps.
 //
 //   1. Fill this PE's send area (symmetric, so it is a valid put source) with ring_word(rank, epoch, i).
@@ -20,7 +20,7 @@
 #pragma once
 
 #include "common.cuh"
-#include "nvshmem_transport.cuh"
+#include "transport.cuh"
 #include "signal.cuh"
 #include "state.cuh"
 
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) nvshmem_ring(const uint64
     constexpr uint32_t kMessageBytes = Cfg::kMessageBytes, kSliceBytes = kMessageBytes / kNumWarps;
     static_assert(kMessageBytes % (16 * kNumWarps) == 0, "each warp puts a slice of whole 16-byte chunks");
     static_assert(kMessageBytes <= 256 * 1024 && kNumRanks <= 256, "ring_word tells sources and words apart up to these");
-    const NvshmemPeers peers{peer_bases, region, rank};
+    const Peers peers{peer_bases, rank};  // peer_bases[rank] == region
     const int next = (rank + 1) % kNumRanks, prev = (rank + kNumRanks - 1) % kNumRanks;
     const uint64_t seq = state[kExchangeSeq];
     const uint64_t parity = seq & 1, epoch = seq + 1;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) nvshmem_ring(const uint64
     for (uint32_t i = threadIdx.x; i < kMessageBytes / 4; i += blockDim.x) received[i] = arrived ? ld_cg(recv + i) : ~0u;
     if (threadIdx.x == 0) *header = arrived ? ld_cg(reinterpret_cast<const uint32_t*>(peers.local(header_offset))) : ~0u;
     // Every thread completes the puts it took part in before the next call overwrites the send area.
-    quiet();
+    flush_puts();
     __syncthreads();
     if (threadIdx.x == 0) state[kExchangeSeq] = seq + 1;
 }

@@ -1,22 +1,23 @@
-// The NVSHMEM flavour of kernels/transport.cuh: the same three writes (a warp's message, a 32-bit
-// word, a 64-bit flag) to a peer's symmetric region, for peers that may not be reachable by pointer.
-//
-// Compiled with nvcc -rdc=true and linked against libnvshmem_device.a (lowlat/jit/nvcc.py); the
-// module must be initialised with nvshmem.core.library_init before its first launch (the module-init
-// hook of lowlat.jit.nvcc does that), and NVSHMEM must be running (lowlat.transport.nvshmem).
+// The NVSHMEM flavour of kernels/transport.cuh: the same writes to a peer's symmetric region, for
+// peers that may not be reachable by pointer.  Included by transport.cuh when the kernel is built
+// with LOWLAT_TRANSPORT_NVSHMEM (lowlat/jit/nvcc.py: nvcc -rdc=true, linked against
+// libnvshmem_device.a); the module must be initialised with nvshmem.core.library_init before its
+// first launch (the module-init hook of lowlat.jit.nvcc does that) and NVSHMEM must be running
+// (lowlat.transport.nvshmem).
 //
 // Each peer is reached one of two ways, chosen per peer by the transport:
-//  * pointer: peer_bases[peer] != 0 is the peer's region as mapped into this process (nvshmem_ptr:
-//    NVLink or the same GPU); plain stores, exactly as transport.cuh does;
-//  * put: peer_bases[peer] == 0; NVSHMEM device-initiated puts to the symmetric address
-//    local_base + offset on PE `peer` (over InfiniBand/RoCE with IBGDA, or NVSHMEM's own P2P path
-//    when the transport was built with nvlink=False to exercise this branch on one node).
+//  * pointer: bases[peer] != 0 is the peer's region as mapped into this process (nvshmem_ptr:
+//    NVLink or the same GPU); plain stores, exactly as peer_transport.cuh does;
+//  * put: bases[peer] == 0; NVSHMEM device-initiated puts to the symmetric address
+//    local(offset) on PE `peer` (InfiniBand/RoCE through IBGDA, or NVSHMEM's own P2P path when the
+//    transport was built with nvlink=False to exercise this branch on one node).  Sources must be
+//    symmetric memory (see put_staged_warp in transport.cuh).
 //
 // Ordering contract (the same for both paths):
-//  * put_signal_warp: the flag is seen only after the whole message (NVSHMEM put-with-signal).
 //  * signal: the flag is seen only after every earlier write of the calling thread to that peer.
-//    Writes of other threads are covered only after they called quiet() and a barrier separates
-//    them from the signalling thread (the pattern a block uses before it counts in).
+//    Writes of other threads are covered once they called flush_puts() and a barrier separates them
+//    from the signalling thread (what every block does before it counts in).
+//  * put_signal_warp: the flag is seen only after the whole message (NVSHMEM put-with-signal).
 #pragma once
 
 #include <nvshmem.h>
@@ -26,72 +27,65 @@
 
 namespace lowlat {
 
-struct NvshmemPeers {
-    const uint64_t* bases;  // [num_ranks] peer region address by pointer, 0 = use NVSHMEM puts
-    uint8_t* local_base;    // this PE's region (also the symmetric address NVSHMEM puts target)
-    int rank;               // this PE (== nvshmem_my_pe(): the transport initialises one PE per rank)
+struct Peers {
+    const uint64_t* bases;  // [num_ranks] peer region address by pointer, 0 = NVSHMEM puts; bases[rank] = this PE's region
+    int rank;               // this PE (== nvshmem_my_pe(): the transport starts one PE per rank)
+    static constexpr bool kMayPut = true;
 
-    __device__ __forceinline__ uint8_t* local(uint64_t offset) const { return local_base + offset; }
+    __device__ __forceinline__ uint8_t* local(uint64_t offset) const { return reinterpret_cast<uint8_t*>(bases[rank]) + offset; }
     __device__ __forceinline__ bool by_pointer(int peer) const { return bases[peer] != 0; }
     __device__ __forceinline__ uint8_t* remote(int peer, uint64_t offset) const {
         return reinterpret_cast<uint8_t*>(bases[peer]) + offset;
     }
-    // The address NVSHMEM puts take: the symmetric object as named on this PE.
-    __device__ __forceinline__ void* symmetric(uint64_t offset) const { return local_base + offset; }
 };
 
-// Warp-cooperative copy of num_bytes (a multiple of 16, both ends 16-byte aligned) from `src` to
-// `peer` at `dst_offset`.  On the put path `src` must be symmetric memory (a region offset) for
-// transports that register only the symmetric heap (IBGDA); the pointer path accepts any source.
-// Non-blocking on the put path: follow with signal()/quiet() before anyone relies on the data.
-__device__ __forceinline__ void put_warp(const NvshmemPeers& peers, int peer, uint64_t dst_offset, const void* src,
-                                         uint32_t num_bytes) {
+// Warp-cooperative message of num_bytes (whole Words, both ends Word-aligned) from `src` to `peer`
+// at `dst_offset`.  Non-blocking on the put path: signal() or flush_puts() completes it.
+template <class Word = int4>
+__device__ __forceinline__ void put_warp(const Peers& peers, int peer, uint64_t dst_offset, const void* src, uint32_t num_bytes) {
     if (peers.by_pointer(peer)) {
-        const int lane = lane_id();
-        const auto* src4 = static_cast<const int4*>(src);
-        auto* dst4 = reinterpret_cast<int4*>(peers.remote(peer, dst_offset));
-        for (int i = lane; i < static_cast<int>(num_bytes / 16); i += 32) __stcg(dst4 + i, src4[i]);
-    } else {
-        nvshmemx_putmem_nbi_warp(peers.symmetric(dst_offset), src, num_bytes, peer);
+        store_warp<Word>(reinterpret_cast<Word*>(peers.remote(peer, dst_offset)), static_cast<const Word*>(src), num_bytes / sizeof(Word));
+    } else if (num_bytes != 0) {
+        nvshmemx_putmem_nbi_warp(peers.local(dst_offset), src, num_bytes, peer);
     }
 }
 
-// One 32-bit word to a peer (single thread).
-__device__ __forceinline__ void put_u32(const NvshmemPeers& peers, int peer, uint64_t dst_offset, uint32_t value) {
-    if (peers.by_pointer(peer)) {
-        *reinterpret_cast<uint32_t*>(peers.remote(peer, dst_offset)) = value;
-    } else {
-        nvshmem_uint32_p(static_cast<uint32_t*>(peers.symmetric(dst_offset)), value, peer);
-    }
+__device__ __forceinline__ void put_u32(const Peers& peers, int peer, uint64_t dst_offset, uint32_t value) {
+    if (peers.by_pointer(peer)) *reinterpret_cast<uint32_t*>(peers.remote(peer, dst_offset)) = value;
+    else nvshmem_uint32_p(reinterpret_cast<uint32_t*>(peers.local(dst_offset)), value, peer);
+}
+
+__device__ __forceinline__ void put_u64(const Peers& peers, int peer, uint64_t dst_offset, uint64_t value) {
+    if (peers.by_pointer(peer)) *reinterpret_cast<uint64_t*>(peers.remote(peer, dst_offset)) = value;
+    else nvshmem_uint64_p(reinterpret_cast<uint64_t*>(peers.local(dst_offset)), value, peer);
 }
 
 // Set a 64-bit flag at a peer after every earlier write of this thread to that peer (single thread).
-__device__ __forceinline__ void signal(const NvshmemPeers& peers, int peer, uint64_t flag_offset, uint64_t value) {
+__device__ __forceinline__ void signal(const Peers& peers, int peer, uint64_t flag_offset, uint64_t value) {
     if (peers.by_pointer(peer)) {
         st_release_sys(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
     } else {
         nvshmem_fence();
-        nvshmemx_signal_op(static_cast<uint64_t*>(peers.symmetric(flag_offset)), value, NVSHMEM_SIGNAL_SET, peer);
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(peers.local(flag_offset)), value, NVSHMEM_SIGNAL_SET, peer);
     }
 }
 
 // A whole message and then its flag, warp-cooperatively: the flag is set only once the message is
 // visible at the peer.
-__device__ __forceinline__ void put_signal_warp(const NvshmemPeers& peers, int peer, uint64_t dst_offset, const void* src,
-                                                uint32_t num_bytes, uint64_t flag_offset, uint64_t value) {
+__device__ __forceinline__ void put_signal_warp(const Peers& peers, int peer, uint64_t dst_offset, const void* src, uint32_t num_bytes,
+                                                uint64_t flag_offset, uint64_t value) {
     if (peers.by_pointer(peer)) {
         put_warp(peers, peer, dst_offset, src, num_bytes);
         __syncwarp();  // the lanes' stores happen before lane 0's release (release is cumulative)
         if (lane_id() == 0) st_release_sys(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
     } else {
-        nvshmemx_putmem_signal_nbi_warp(peers.symmetric(dst_offset), src, num_bytes,
-                                        static_cast<uint64_t*>(peers.symmetric(flag_offset)), value, NVSHMEM_SIGNAL_SET,
-                                        peer);
+        nvshmemx_putmem_signal_nbi_warp(peers.local(dst_offset), src, num_bytes, reinterpret_cast<uint64_t*>(peers.local(flag_offset)),
+                                        value, NVSHMEM_SIGNAL_SET, peer);
     }
 }
 
-// Complete this thread's outstanding puts (to every peer).  Pointer-path stores need only the
+// Complete this thread's outstanding puts (to every peer); pointer-path stores need only the
 // system-scope fence it implies.
-__device__ __forceinline__ void quiet() { nvshmem_quiet(); }
+__device__ __forceinline__ void flush_puts() { nvshmem_quiet(); }
 
 }  // namespace lowlat

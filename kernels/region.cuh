@@ -29,6 +29,13 @@ struct Region {
     __device__ __forceinline__ static uint64_t send_message(int token) {
         return Cfg::kOffSendBuffer + static_cast<uint64_t>(token) * Cfg::kMessageStride;
     }
+    // Put staging (nvshmem transport only): what puts read, since they read only symmetric memory.
+    __device__ __forceinline__ static uint64_t route_stage(int expert) {
+        return Cfg::kOffRouteStaging + 4ull * static_cast<uint64_t>(expert) * T;
+    }
+    __device__ __forceinline__ static uint64_t combine_send_stage(int row) {
+        return Cfg::kOffCombineSendStaging + static_cast<uint64_t>(row) * Cfg::kCombineSlotStride;
+    }
 };
 
 // A route entry names a source token and its top-k slot.

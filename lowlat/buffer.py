@@ -96,8 +96,12 @@ class Buffer:
         hidden: H, any multiple of 128.
         num_experts: E, a multiple of the number of ranks (each owns E / R experts), at most 2048.
         num_topk: K, experts per token (at most 32).
-        transport: ``"auto"`` / ``"ipc"`` for process groups (``"nvshmem"``, for several nodes, is
-            not implemented yet).
+        transport: for process groups: ``"ipc"`` (CUDA IPC, one node), ``"nvshmem"`` (NVSHMEM,
+            any number of nodes), or ``"auto"``: ``ipc`` when every rank runs on this host, else
+            ``nvshmem``.  Ignored when ``group`` is a Transport.
+        allow_nvlink: with ``nvshmem``, write by pointer to the peers NVSHMEM maps (NVLink, or the
+            same GPU); False sends to every other rank with NVSHMEM puts (DeepEP's
+            ``allow_nvlink_for_low_latency_mode=False``; the only way to run the put path on one node).
         num_sms: blocks per kernel (default: two per SM; ``SMs / R`` for virtual ranks on one GPU).
         timeout_s: how long a receive waits for a peer before it masks it and reports a timeout.
         enable_zero_copy: allocate the bf16 ``[L, R*T, hidden]`` buffers that
@@ -112,14 +116,18 @@ class Buffer:
     """
 
     def __init__(self, group, *, max_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int,
-                 transport: str = "auto", num_sms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 enable_zero_copy: bool = False, fresh_outputs: bool = False, validate_routing: bool = False,
-                 rank_mask: torch.Tensor | None = None):
+                 transport: str = "auto", allow_nvlink: bool = True, num_sms: int | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, enable_zero_copy: bool = False, fresh_outputs: bool = False,
+                 validate_routing: bool = False, rank_mask: torch.Tensor | None = None):
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
-        self.layout = RegionLayout.of(self.shape)
-        self.transport = group if isinstance(group, Transport) else _ipc_transport(group, transport, self.layout.total_bytes)
+        check.flag("allow_nvlink", allow_nvlink)
+        if not isinstance(group, Transport):
+            group = make_transport(group, transport, lambda kind: RegionLayout.of(self.shape, put_staging=kind == "nvshmem").total_bytes,
+                                   allow_nvlink, "(shape, transport, allow_nvlink)", self.shape)
+        self.transport = group
+        self.layout = RegionLayout.of(self.shape, put_staging=self.transport.kind == "nvshmem")
         self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
         if self.transport.region_bytes < self.layout.total_bytes:
             raise ArgumentError(f"the transport's region has {self.transport.region_bytes} bytes, {self.layout.total_bytes} needed")
@@ -185,7 +193,7 @@ class Buffer:
             rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         check.tensor("rank_mask", rank_mask, dtypes=check.INT32, shape=(self.num_ranks,), device=self.device)
         return RankContext(
-            config=KernelConfig(self.layout),
+            config=KernelConfig(self.layout, transport="nvshmem" if self.transport.kind == "nvshmem" else "peer"),
             rank=self.rank,
             peer_bases=self.transport.peer_bases,
             state=torch.zeros(StateWord.NUM_STATE_WORDS, dtype=torch.int64, device=self.device),
@@ -528,11 +536,15 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
-                                       num_topk: int | None = None) -> int:
+                                       num_topk: int | None = None, transport: str = "ipc") -> int:
         """Bytes of the symmetric region (per rank) a Buffer of these shapes uses.  ``num_topk``
-        defaults to the largest supported, min(32, num_experts)."""
+        defaults to the largest supported, min(32, num_experts); ``transport="nvshmem"`` adds the
+        staging its puts read from."""
         topk = num_topk if num_topk is not None else min(32, num_experts)
-        return RegionLayout.of(BufferShape(num_ranks, num_experts, topk, hidden, num_max_dispatch_tokens_per_rank)).total_bytes
+        if transport not in ("ipc", "local", "nvshmem"):
+            raise ArgumentError(f"transport must be 'ipc', 'local' or 'nvshmem', got {transport!r}")
+        shape = BufferShape(num_ranks, num_experts, topk, hidden, num_max_dispatch_tokens_per_rank)
+        return RegionLayout.of(shape, put_staging=transport == "nvshmem").total_bytes
 
     def get_comm_stream(self) -> torch.cuda.Stream | None:
         return self._comm_stream
@@ -558,7 +570,7 @@ class Buffer:
         )
 
     def destroy(self) -> None:
-        """Release the transport (collective for ``ipc``: every rank calls it)."""
+        """Release the transport (collective for ``ipc`` and ``nvshmem``: every rank calls it)."""
         self.transport.barrier()
         self.transport.close()
 
@@ -578,16 +590,32 @@ def _group_size(group) -> int:
     raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or a lowlat Transport, got {type(group).__name__}")
 
 
-def _ipc_transport(group, kind: str, region_bytes: int) -> Transport:
+def make_transport(group, kind: str, region_bytes, allow_nvlink: bool, what: str, value) -> Transport:
+    """A transport over a process group (collective over ``group``): ``kind`` is ``"ipc"``,
+    ``"nvshmem"`` or ``"auto"`` (``ipc`` when every rank runs on this host, else ``nvshmem``);
+    ``region_bytes(kind)`` is the size of the symmetric region the chosen kind needs.  ``value``
+    (named ``what``) must be equal on every rank: the Buffer's shapes, checked first."""
     if kind not in ("auto", "ipc", "nvshmem"):
         raise ArgumentError(f"transport must be 'auto', 'ipc' or 'nvshmem', got {kind!r}")
-    if kind == "nvshmem":
-        raise UnavailableError("the nvshmem transport (several nodes) is not implemented yet; use 'ipc' within a node")
     if not torch.cuda.is_available():
-        raise UnavailableError("the ipc transport needs CUDA GPUs; use Buffer.local_group for virtual ranks on the CPU")
-    from .transport.ipc import IpcTransport
+        raise UnavailableError(f"transport={kind!r} needs CUDA GPUs and this machine has none; use Buffer.local_group "
+                               "for virtual ranks on the CPU")
+    from .transport.base import agree
 
-    return IpcTransport(group, region_bytes)
+    one_host = agree(group, what, (value, kind, allow_nvlink))
+    if kind == "auto":
+        kind = "ipc" if one_host else "nvshmem"
+    if kind == "ipc":
+        if not allow_nvlink:
+            raise ArgumentError("allow_nvlink=False needs transport='nvshmem' (ipc writes to peers by pointer only)")
+        from .transport.ipc import IpcTransport
+
+        return IpcTransport(group, region_bytes("ipc"))
+    from .jit.nvcc import toolchain
+    from .transport.nvshmem import NvshmemTransport, nvshmem_core
+
+    nvshmem_core(), toolchain()  # name what is missing (nvshmem4py, nvcc, NVSHMEM's device library) before NVSHMEM starts
+    return NvshmemTransport(group, region_bytes("nvshmem"), nvlink=allow_nvlink)
 
 
 _STATUS_ERRORS = {

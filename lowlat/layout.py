@@ -14,7 +14,9 @@ Symmetric region of one rank (everything a peer may write into)::
         dispatch_route   int32  [L][R][T]         (token << 5 | k) of those tokens, in token order
         dispatch_staging msg    [R][T]            one message per (source rank, token), deduplicated
         combine_staging  slot   [T][K]            expert outputs coming back, per (token, top-k slot)
-    send_buffer  msg [T]                  this rank's FP8-quantised tokens (read locally, then put)
+    send_buffer  msg [T]                  this rank's outgoing tokens (FP8-quantised, or bf16 staged for puts)
+    route_staging         int32 [E][T]    } only with put staging (the nvshmem transport): what RDMA
+    combine_send_staging  slot  [R*T*min(L, K)] } puts read, since they read only symmetric memory
 
 with R ranks, L local experts, T max tokens per rank, K top-k.  A dispatch message is the token's
 data (bf16 ``2H`` bytes, or fp8 ``H`` bytes followed by ``H/128`` fp32 scales); a combine slot is
@@ -166,9 +168,18 @@ class RegionLayout:
     combine_staging: int
     send_buffer: int  # absolute
     total_bytes: int
+    route_staging: int = 0  # absolute; 0 and 0 rows without put staging
+    combine_send_staging: int = 0
+    combine_send_rows: int = 0
+
+    @property
+    def put_staging(self) -> bool:
+        return self.combine_send_rows > 0
 
     @staticmethod
-    def of(shape: BufferShape) -> "RegionLayout":
+    def of(shape: BufferShape, *, put_staging: bool = False) -> "RegionLayout":
+        """The layout for ``shape``; ``put_staging`` adds the areas the nvshmem transport's puts read
+        from (a routing table per expert and one combine slot per row this rank can send back)."""
         R, L, T, K = shape.num_ranks, shape.num_local_experts, shape.max_tokens_per_rank, shape.num_topk
         exchange_words = 0
         exchange_flags = align(R * EXCHANGE_WORDS * 8)
@@ -188,7 +199,14 @@ class RegionLayout:
         parity_base = 2 * exchange_parity_bytes
         parity_bytes = cursor
         send_buffer = parity_base + 2 * parity_bytes
-        total = align(send_buffer + T * shape.message_stride, 2**21)  # whole 2 MiB pages for IPC
+        end = align(send_buffer + T * shape.message_stride)
+        if put_staging:
+            # A rank sends back at most one row per (source, token, top-k slot) and per (local expert, source, token).
+            fields["combine_send_rows"] = shape.num_ranks * T * min(L, K)
+            fields["route_staging"] = end
+            fields["combine_send_staging"] = align(end + shape.num_experts * T * 4)
+            end = align(fields["combine_send_staging"] + fields["combine_send_rows"] * shape.combine_slot_stride)
+        total = align(end, 2**21)  # whole 2 MiB pages for IPC
         return RegionLayout(shape, exchange_words, exchange_flags, exchange_parity_bytes, parity_base, parity_bytes,
                             send_buffer=send_buffer, total_bytes=total, **fields)
 
@@ -222,4 +240,7 @@ class RegionLayout:
             "kOffDispatchStaging": self.dispatch_staging,
             "kOffCombineStaging": self.combine_staging,
             "kOffSendBuffer": self.send_buffer,
+            "kOffRouteStaging": self.route_staging,
+            "kOffCombineSendStaging": self.combine_send_staging,
+            "kCombineSendRows": self.combine_send_rows,
         }

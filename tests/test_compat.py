@@ -136,8 +136,9 @@ def test_construction_errors_are_clear():
     with pytest.raises(ArgumentTypeError, match="group must be"):
         deep_ep.Buffer(None, 0, 1 << 20, low_latency_mode=True)
     world = LocalWorld(1, 2**21, "cpu")
-    with pytest.raises(UnavailableError, match="allow_nvlink_for_low_latency_mode=False"):
-        deep_ep.Buffer(world.transport(0), 0, 1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
+    two = LocalWorld(2, 2**21, "cpu")
+    with pytest.raises(ArgumentError, match="allow_nvlink_for_low_latency_mode=False needs a transport"):
+        deep_ep.Buffer(two.transport(0), 0, 1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False)
     with pytest.raises(ArgumentError, match="num_rdma_bytes must be a non-negative multiple of 128"):
         deep_ep.Buffer(world.transport(0), 0, 100, low_latency_mode=True)
 

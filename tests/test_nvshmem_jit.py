@@ -5,6 +5,7 @@ need no GPU."""
 import argparse
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lowlat.errors import ArgumentError, CompileError, TransportError, UnavailableError
+from lowlat.errors import ArgumentError, ArgumentTypeError, CompileError, TransportError, UnavailableError
 from lowlat.jit import nvcc
 from lowlat.jit.compiler import included_headers, kernel_dir
 from lowlat.jit.spec import ArgKind, KernelSpec, Param
@@ -212,10 +213,10 @@ def test_check_cli_says_plainly_that_it_skipped(monkeypatch, fresh_toolchain, tm
     args = argparse.Namespace(require_nvshmem=False, use_cache=False)
     assert _check_nvshmem(ARCH, args) == 0
     out = capsys.readouterr().out
-    assert "skipped: 2 NVSHMEM kernel specialisations not compiled: LOWLAT_NVCC=" in out
+    assert re.search(r"skipped: \d+ NVSHMEM kernel specialisations not compiled: LOWLAT_NVCC=", out)
     args.require_nvshmem = True
     assert _check_nvshmem(ARCH, args) == 1
-    assert "FAIL: 2 NVSHMEM kernel specialisations not compiled" in capsys.readouterr().out
+    assert re.search(r"FAIL: \d+ NVSHMEM kernel specialisations not compiled", capsys.readouterr().out)
 
 
 def test_missing_nvshmem4py(monkeypatch):
@@ -231,6 +232,60 @@ def test_missing_nvshmem4py(monkeypatch):
 
 
 # -- the transport's checks that need no GPU -------------------------------------------------------
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; this machine has a GPU")
+def test_buffer_over_nvshmem_on_a_cpu_only_machine(one_rank_group):
+    import lowlat
+
+    for kind in ("nvshmem", "auto", "ipc"):
+        with pytest.raises(UnavailableError, match=f"transport='{kind}' needs CUDA GPUs and this machine has none"):
+            lowlat.Buffer(one_rank_group, transport=kind, max_tokens_per_rank=4, hidden=256, num_experts=4, num_topk=2)
+
+
+def test_buffer_names_what_the_nvshmem_transport_lacks(one_rank_group, monkeypatch, fresh_toolchain, tmp_path):
+    import lowlat
+
+    shape = dict(max_tokens_per_rank=4, hidden=256, num_experts=4, num_topk=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the checks behind the device check
+    with pytest.raises(ArgumentError, match="transport must be 'auto', 'ipc' or 'nvshmem', got 'rdma'"):
+        lowlat.Buffer(one_rank_group, transport="rdma", **shape)
+    with pytest.raises(ArgumentError, match="allow_nvlink=False needs transport='nvshmem'"):
+        lowlat.Buffer(one_rank_group, transport="ipc", allow_nvlink=False, **shape)
+    with pytest.raises(ArgumentTypeError, match="allow_nvlink"):
+        lowlat.Buffer(one_rank_group, transport="nvshmem", allow_nvlink="no", **shape)
+    monkeypatch.setenv("LOWLAT_NVCC", str(tmp_path / "no-nvcc"))
+    with pytest.raises(UnavailableError, match="LOWLAT_NVCC=.* is not an executable nvcc"):
+        lowlat.Buffer(one_rank_group, transport="nvshmem", **shape)
+    for name in ("nvshmem", "nvshmem.core", "nvshmem.bindings"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(UnavailableError, match="needs nvshmem4py"):
+        lowlat.Buffer(one_rank_group, transport="nvshmem", **shape)
+
+
+def test_put_staging_layout_holds_every_row_a_rank_sends_back():
+    from lowlat.layout import BufferShape, RegionLayout
+
+    shape = BufferShape(num_ranks=4, num_experts=36, num_topk=5, hidden=384, max_tokens_per_rank=13)
+    plain, staged = RegionLayout.of(shape), RegionLayout.of(shape, put_staging=True)
+    assert not plain.put_staging and plain.constants()["kCombineSendRows"] == 0
+    assert staged.put_staging and staged.combine_send_rows == 4 * 13 * min(9, 5)
+    assert staged.route_staging >= staged.send_buffer + 13 * shape.message_stride
+    assert staged.combine_send_staging >= staged.route_staging + 36 * 13 * 4
+    end = staged.combine_send_staging + staged.combine_send_rows * shape.combine_slot_stride
+    assert end <= staged.total_bytes and staged.combine_send_staging % 128 == 0
+    # Everything before the staging is laid out as without it (the same kernels' offsets).
+    same = ("parity_base", "parity_bytes", "dispatch_route", "combine_staging", "send_buffer")
+    assert all(getattr(plain, name) == getattr(staged, name) for name in same)
+
 
 def test_transport_argument_checks():
     from lowlat.transport.nvshmem import NvshmemTransport
@@ -267,7 +322,7 @@ def _agree_worker(rank, port, sizes, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(sizes))
     try:
         queue.put((rank, "ok", agree_on_region(dist.group.WORLD, sizes[rank])))
-    except TransportError as exc:
+    except ArgumentError as exc:
         queue.put((rank, "error", str(exc)))
     finally:
         dist.destroy_process_group()
@@ -295,7 +350,7 @@ def test_region_sizes_must_agree_across_ranks(sizes):
     else:
         for rank, kind, message in results:
             assert kind == "error", (rank, message)
-            assert "region_bytes differs across ranks (rank 0: 4096, rank 1: 8192)" in message
+            assert "region_bytes differs across ranks (rank 0: 4096; rank 1: 8192)" in message
 
 
 # -- the ring's host side ------------------------------------------------------------------------------
@@ -332,8 +387,13 @@ def test_shipped_nvshmem_specs_are_distinct_and_exist():
     from lowlat.jit.registry import shipped_nvshmem_specs
 
     specs = shipped_nvshmem_specs()
-    assert len(specs) == len(set(specs)) == 2
-    assert all((kernel_dir() / s.header).is_file() for s in specs)
+    assert len(specs) == len(set(specs))
+    assert all((kernel_dir() / s.header).is_file() and s.transport == "nvshmem" for s in specs)
+    assert all("#define LOWLAT_TRANSPORT_NVSHMEM 1" in s.source() for s in specs)
+    # The ring test, then every low-latency kernel family in its NVSHMEM flavour.
+    kernels = {s.kernel for s in specs}
+    assert {"lowlat::nvshmem_ring", "lowlat::exchange_allgather", "lowlat::dispatch_send", "lowlat::dispatch_recv",
+            "lowlat::dispatch", "lowlat::combine_send", "lowlat::combine_recv", "lowlat::combine"} <= kernels
 
 
 def test_ring_constants_mirror_state_cuh():
@@ -347,9 +407,9 @@ def test_ring_constants_mirror_state_cuh():
 
 
 def test_host_identity_tells_machines_apart_by_boot_id():
-    from lowlat.transport.nvshmem import _host_identity
+    from lowlat.transport.base import host_identity
 
-    host, _, boot_id = _host_identity().partition("/")
+    host, _, boot_id = host_identity().partition("/")
     assert host == socket.gethostname()
     if os.path.exists("/proc/sys/kernel/random/boot_id"):
         assert len(boot_id) == 36

@@ -23,15 +23,18 @@ the first dispatch, with room for as many tokens per rank as ``num_nvl_bytes`` h
 
 Deliberately different: any batch works (DeepEP refuses ``num_ranks * T % 4 != 0`` and has a hidden
 and top-k whitelist); ``get_dispatch_layout`` runs as torch ops (DeepEP calls it before the hidden size,
-which lowlat's kernels are specialised on, is known); ``allow_nvlink_for_low_latency_mode=False`` and
-internode normal mode are not provided yet and raise ``UnavailableError``.
+which lowlat's kernels are specialised on, is known); internode normal mode is not provided yet and
+raises ``UnavailableError``.
+
+Transports: one node goes over CUDA IPC, several nodes over NVSHMEM; ``allow_nvlink_for_low_latency_mode=False``
+selects NVSHMEM with puts to every peer, as in DeepEP.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..buffer import Buffer as _LowLatBuffer, _group_size, _ipc_transport
+from ..buffer import Buffer as _LowLatBuffer, _group_size, make_transport
 from ..errors import ArgumentError, ArgumentTypeError, GraphCaptureError, UnavailableError
 from ..handle import DispatchHandle, EventOverlap
 from ..layout import BufferShape, RegionLayout
@@ -57,9 +60,6 @@ class Buffer:
         if group is None:
             raise ArgumentTypeError("group must be a torch.distributed ProcessGroup (mpi4py communicators are not supported)"
                                     if comm is not None else "group must be a torch.distributed ProcessGroup, got None")
-        if not allow_nvlink_for_low_latency_mode:
-            raise UnavailableError("allow_nvlink_for_low_latency_mode=False needs the put-based (NVSHMEM) transport, "
-                                   "which lowlat does not provide yet")
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 128:
                 raise ArgumentError(f"{name} must be a non-negative multiple of 128, got {value!r}")
@@ -77,9 +77,17 @@ class Buffer:
             if group.region_bytes < num_rdma_bytes + num_nvl_bytes:
                 raise ArgumentError(f"num_rdma_bytes + num_nvl_bytes = {num_rdma_bytes + num_nvl_bytes} exceeds the transport's "
                                     f"{group.region_bytes}-byte region")
+            if not allow_nvlink_for_low_latency_mode and any(group.peer_bases.tolist()[r] for r in range(group.num_ranks)
+                                                             if r != group.rank):
+                raise ArgumentError(f"allow_nvlink_for_low_latency_mode=False needs a transport that reaches peers by NVSHMEM "
+                                    f"puts (transport='nvshmem'); this {group.kind} transport writes to them by pointer")
             self.transport = group
         else:
-            self.transport = _ipc_transport(group, self._options.pop("transport", "auto"), max(num_rdma_bytes + num_nvl_bytes, 2**21))
+            # allow_nvlink_for_low_latency_mode=False: every peer through NVSHMEM puts, as in DeepEP.
+            kind = self._options.pop("transport", "auto" if allow_nvlink_for_low_latency_mode else "nvshmem")
+            self.transport = make_transport(group, kind, lambda _: max(num_rdma_bytes + num_nvl_bytes, 2**21),
+                                            allow_nvlink_for_low_latency_mode, "((num_rdma_bytes, num_nvl_bytes), transport, allow_nvlink)",
+                                            (num_rdma_bytes, num_nvl_bytes))
         self.rank = self.transport.rank
         self.device = self.transport.device
         if self.device.type == "cuda" and getattr(self.transport, "stream", None) is None:
@@ -108,7 +116,7 @@ class Buffer:
             raise GraphCaptureError(f"the first call with shape (T={max_tokens}, hidden={hidden}, experts={num_experts}, "
                                     f"topk={num_topk}) compiles its kernels: run it once before CUDA graph capture")
         shape = BufferShape(self.group_size, num_experts, num_topk, hidden, max_tokens)
-        need = RegionLayout.of(shape).total_bytes
+        need = RegionLayout.of(shape, put_staging=self.transport.kind == "nvshmem").total_bytes
         if self._carved + need > self.num_rdma_bytes:
             hint = self.get_low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
             raise ArgumentError(f"num_rdma_bytes={self.num_rdma_bytes} is too small: shape (T={max_tokens}, hidden={hidden}, "
@@ -133,8 +141,10 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-        """Bytes of ``num_rdma_bytes`` for one shape (any top-k up to min(32, num_experts))."""
-        return _LowLatBuffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        """Bytes of ``num_rdma_bytes`` for one shape (any top-k up to min(32, num_experts), any transport:
+        it includes the staging NVSHMEM puts read from)."""
+        return _LowLatBuffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
+                                                            transport="nvshmem")
 
     @staticmethod
     def is_sm90_compiled() -> bool:
@@ -280,6 +290,9 @@ class Buffer:
         self._alive()
         if capturing():
             raise GraphCaptureError("the first normal-mode dispatch builds its buffer and compiles its kernels: run it before capture")
+        if not all(self.transport.peer_bases.tolist()):
+            raise UnavailableError("normal mode writes to every peer by pointer, and this Buffer reaches some peers only by "
+                                   "NVSHMEM puts (allow_nvlink_for_low_latency_mode=False, or several nodes)")
         if self._normal:
             raise ArgumentError(f"normal mode is set up for (hidden, num_experts, num_topk) = {next(iter(self._normal))}; "
                                 f"a second shape {key} does not fit next to it in num_nvl_bytes={self.num_nvl_bytes}")

@@ -11,7 +11,7 @@ import torch
 
 from ..jit import compile_all
 from ..jit.launch import current_stream_handle
-from ..ops import combine, dispatch, exchange
+from ..ops import combine, dispatch, exchange, low_latency_specs
 from ..ops.context import RankContext
 from .base import Engine
 
@@ -24,8 +24,7 @@ class KernelEngine(Engine):
         self._current_stream = current_stream_handle
 
     def specs(self):
-        config = self.ctx.config
-        return [exchange.exchange_spec(config), *dispatch.all_specs(config), *combine.all_specs(config)]
+        return low_latency_specs(self.ctx.config)
 
     def warmup(self) -> None:
         if self._ready:

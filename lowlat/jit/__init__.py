@@ -21,23 +21,32 @@ __all__ = [
     "cache_dir", "compile_all", "default_compiler", "device_arch", "get_kernel", "kernel_dir",
 ]
 
-_compilers: dict[str, Compiler] = {}
+_compilers: dict[tuple[str, str], object] = {}
 _kernels: dict[tuple[str, KernelSpec], Kernel] = {}
 _lock = threading.Lock()
 
 
-def default_compiler(arch: str | None = None) -> Compiler:
+def default_compiler(arch: str | None = None, transport: str = "peer"):
+    """The process's compiler for ``arch`` and a transport flavour (``KernelSpec.transport``): NVRTC
+    for ``"peer"``, nvcc + nvJitLink for ``"nvshmem"`` (which raises UnavailableError naming what
+    is missing)."""
     arch = arch or device_arch()
     with _lock:
-        compiler = _compilers.get(arch)
+        compiler = _compilers.get((arch, transport))
         if compiler is None:
-            compiler = _compilers[arch] = Compiler(arch)
+            if transport == "nvshmem":
+                from .nvcc import NvshmemCompiler
+
+                compiler = NvshmemCompiler(arch)
+            else:
+                compiler = Compiler(arch)
+            _compilers[arch, transport] = compiler
         return compiler
 
 
 def get_kernel(spec: KernelSpec, arch: str | None = None) -> Kernel:
     """The loaded kernel for ``spec`` on the current GPU's architecture, compiling it if needed."""
-    compiler = default_compiler(arch)
+    compiler = default_compiler(arch, spec.transport)
     key = (compiler.arch, spec)
     kernel = _kernels.get(key)
     if kernel is None:
@@ -48,6 +57,14 @@ def get_kernel(spec: KernelSpec, arch: str | None = None) -> Kernel:
 
 
 def compile_all(specs, arch: str | None = None) -> list[CompiledCubin]:
-    """Compile (or fetch from the caches) every specialisation in ``specs``; returns them in order."""
-    compiler = default_compiler(arch)
-    return [compiler.compile(spec) for spec in dict.fromkeys(specs)]
+    """Compile (or fetch from the caches) every specialisation in ``specs``; returns them in order.
+    nvcc builds (separate processes) run in parallel, one per CPU core."""
+    specs = list(dict.fromkeys(specs))
+    compilers = [default_compiler(arch, spec.transport) for spec in specs]
+    if sum(spec.transport == "nvshmem" for spec in specs) < 2:
+        return [compiler.compile(spec) for compiler, spec in zip(compilers, specs)]
+    import concurrent.futures
+    import os
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda pair: pair[0].compile(pair[1]), zip(compilers, specs)))

@@ -9,6 +9,7 @@ check says plainly that it skipped them (``--require-nvshmem`` makes that a fail
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -41,17 +42,26 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-def _compile_each(compiler, specs) -> int:
-    failures = 0
-    for spec in specs:
+def _compile_each(compiler, specs, *, workers: int = 1) -> int:
+    """Compile every spec (``workers`` at a time: nvcc runs as separate processes), printing one line
+    each in order; returns the number of failures (every failure is reported, not just the first)."""
+    import concurrent.futures
+
+    def attempt(spec):
         try:
-            compiled = compiler.compile(spec)
-        except Exception as exc:  # report every failure, not just the first
-            failures += 1
-            print(f"  FAIL  {spec.display_name}\n{exc}", flush=True)
-            continue
-        origin = "cached" if compiled.from_cache else f"{compiled.compile_seconds:6.2f} s"
-        print(f"  ok  {origin:>9}  {len(compiled.cubin) / 1024:7.1f} KiB  {spec.display_name}", flush=True)
+            return compiler.compile(spec), None
+        except Exception as exc:
+            return None, exc
+
+    failures = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for spec, (compiled, exc) in zip(specs, pool.map(attempt, specs)):
+            if exc is not None:
+                failures += 1
+                print(f"  FAIL  {spec.display_name}\n{exc}", flush=True)
+                continue
+            origin = "cached" if compiled.from_cache else f"{compiled.compile_seconds:6.2f} s"
+            print(f"  ok  {origin:>9}  {len(compiled.cubin) / 1024:7.1f} KiB  {spec.display_name}", flush=True)
     return failures
 
 
@@ -72,7 +82,7 @@ def _check_nvshmem(arch: str, args) -> int:
     print(f"lowlat.jit: compiling {len(specs)} NVSHMEM kernel specialisations for {arch} with nvcc {tools.nvcc_version} "
           f"+ nvJitLink {tools.nvjitlink_version}, NVSHMEM {tools.nvshmem_version} ({tools.nvshmem_home})")
     start = time.perf_counter()
-    failures = _compile_each(compiler, specs)
+    failures = _compile_each(compiler, specs, workers=os.cpu_count() or 1)
     print(f"lowlat.jit: {len(specs) - failures}/{len(specs)} NVSHMEM kernels compiled and linked in "
           f"{time.perf_counter() - start:.1f} s")
     return failures

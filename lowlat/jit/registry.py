@@ -37,24 +37,29 @@ def normal_specs(shapes=NORMAL_SHAPES) -> list[KernelSpec]:
 
 
 def shipped_specs(shapes=SHIPPED_SHAPES, normal_shapes=NORMAL_SHAPES) -> list[KernelSpec]:
-    from ..ops import combine, dispatch, exchange
-    from ..ops.context import KernelConfig
-
-    specs: list[KernelSpec] = []
-    for shape in shapes:
-        config = KernelConfig(RegionLayout.of(shape))
-        specs.append(exchange.exchange_spec(config))
-        specs.extend(dispatch.all_specs(config))
-        specs.extend(combine.all_specs(config))
-    return specs + normal_specs(normal_shapes)
+    return [spec for shape in shapes for spec in low_latency_specs(shape)] + normal_specs(normal_shapes)
 
 
 # The NVSHMEM transport's smoke test (kernels/nvshmem_ring.cuh): (ranks, message bytes, warps).
 SHIPPED_RING_SHAPES = ((2, 64 * 1024, 4), (8, 4096, 8))
 
 
-def shipped_nvshmem_specs(shapes=SHIPPED_RING_SHAPES) -> list[KernelSpec]:
-    """Specialisations of the kernels that call NVSHMEM's device API (compiled by NvshmemCompiler)."""
+# The low-latency kernels over the nvshmem transport: the standard shape and the awkward one.
+SHIPPED_NVSHMEM_SHAPES = (SHIPPED_SHAPES[0], SHIPPED_SHAPES[3])
+
+
+def low_latency_specs(shape: BufferShape, transport: str = "peer") -> list[KernelSpec]:
+    """Every kernel a low-latency Buffer of ``shape`` loads, for a transport flavour."""
+    from ..ops import low_latency_specs as specs_of
+    from ..ops.context import KernelConfig
+
+    return specs_of(KernelConfig(RegionLayout.of(shape, put_staging=transport == "nvshmem"), transport=transport))
+
+
+def shipped_nvshmem_specs(shapes=SHIPPED_RING_SHAPES, low_latency_shapes=SHIPPED_NVSHMEM_SHAPES) -> list[KernelSpec]:
+    """Specialisations of the kernels that call NVSHMEM's device API (compiled by NvshmemCompiler):
+    the transport's ring test and the low-latency kernels in their NVSHMEM flavour."""
     from ..transport.nvshmem_ring import RingLayout, ring_spec
 
-    return [ring_spec(RingLayout(num_ranks, message_bytes, num_warps)) for num_ranks, message_bytes, num_warps in shapes]
+    ring = [ring_spec(RingLayout(num_ranks, message_bytes, num_warps)) for num_ranks, message_bytes, num_warps in shapes]
+    return ring + [spec for shape in low_latency_shapes for spec in low_latency_specs(shape, "nvshmem")]

@@ -22,14 +22,16 @@ assert _RANK_ARGS.size == RANK_ARGS_BYTES
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Everything a kernel is specialised on: the region layout (all shapes) and the block size."""
+    """Everything a kernel is specialised on: the region layout (all shapes), the block size, and the
+    flavour of ``kernels/transport.cuh`` (``"peer"``, or ``"nvshmem"`` with a put-staging layout)."""
 
     layout: RegionLayout
     num_warps: int = 16
+    transport: str = "peer"
 
     def spec(self, header: str, kernel: str, signature, **flags) -> KernelSpec:
         constants = dict(self.layout.constants(), kNumWarps=self.num_warps, **flags)
-        return KernelSpec.make(header, kernel, signature, constants)
+        return KernelSpec.make(header, kernel, signature, constants, transport=self.transport)
 
 
 @dataclasses.dataclass(frozen=True)

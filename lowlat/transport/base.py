@@ -5,6 +5,7 @@ ever see ``peer_bases``."""
 from __future__ import annotations
 
 import abc
+import socket
 
 import torch
 
@@ -63,7 +64,8 @@ class SubTransport(Transport):
         self.kind, self.colocated = parent.kind, parent.colocated
         self.rank, self.num_ranks = parent.rank, parent.num_ranks
         self.region = parent.region[offset: offset + num_bytes]
-        self.peer_bases = parent.peer_bases + offset
+        # 0 marks a peer reached by NVSHMEM puts (kernels/nvshmem_transport.cuh) and stays 0.
+        self.peer_bases = torch.where(parent.peer_bases != 0, parent.peer_bases + offset, parent.peer_bases)
         self.stream = getattr(parent, "stream", None)
         if hasattr(parent, "rendezvous"):  # virtual ranks of one process (the local transport)
             self.rendezvous = parent.rendezvous
@@ -77,3 +79,31 @@ class SubTransport(Transport):
 
     def barrier(self) -> None:
         self.parent.barrier()
+
+
+def host_identity() -> str:
+    """Hostname plus the kernel's boot id: containers on different machines may share a hostname,
+    never a boot id (processes in containers on one machine share it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot_id = handle.read().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+def agree(group, what: str, value) -> bool:
+    """Check that every rank of the torch.distributed ``group`` passes an equal ``value`` (raising
+    ArgumentError that lists each rank's, on every rank, so that a mismatch is an error and never a
+    hang in a later collective); returns whether every rank runs on this host.  Collective."""
+    import torch.distributed as dist
+
+    from ..errors import ArgumentError
+
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (host_identity(), value), group=group)
+    values = [v for _, v in everyone]
+    if any(v != values[0] for v in values):
+        detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise ArgumentError(f"{what} differs across ranks ({detail}); every rank must pass the same")
+    return len({host for host, _ in everyone}) == 1

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import threading
 
 import torch
 
 from ..errors import ArgumentError, GraphCaptureError, TransportError, UnavailableError
-from .base import Transport
+from .base import Transport, agree
 from .ipc import _DeviceMemory
 
 _DEFAULT_HEAP_BYTES = 1 << 30  # NVSHMEM_SYMMETRIC_SIZE's default
@@ -102,27 +101,7 @@ def agree_on_region(group, region_bytes: int) -> bool:
     """Check, before NVSHMEM starts (so that a mismatch is an error, not a hang in a collective
     allocation), that every rank of ``group`` asks for the same ``region_bytes``; returns whether
     all ranks run on one host.  Collective over ``group``."""
-    import torch.distributed as dist
-
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (region_bytes, _host_identity()), group=group)
-    sizes = [size for size, _ in everyone]
-    if len(set(sizes)) != 1:
-        detail = ", ".join(f"rank {r}: {size}" for r, size in enumerate(sizes))
-        raise TransportError(f"region_bytes differs across ranks ({detail}); every rank must ask for the same "
-                             "symmetric region (build every Buffer with the same shapes)")
-    return len({host for _, host in everyone}) == 1
-
-
-def _host_identity() -> str:
-    """Hostname plus the kernel's boot id: containers on different machines may share a hostname,
-    never a boot id (processes in containers on one machine share it)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            boot_id = handle.read().strip()
-    except OSError:
-        boot_id = ""
-    return f"{socket.gethostname()}/{boot_id}"
+    return agree(group, "region_bytes", region_bytes)
 
 
 def _uid_from_bytes(core, payload: bytes):

@@ -83,7 +83,7 @@ class RingLayout:
 
 
 def ring_spec(layout: RingLayout) -> KernelSpec:
-    return KernelSpec.make("nvshmem_ring.cuh", "lowlat::nvshmem_ring", SIGNATURE, layout.constants())
+    return KernelSpec.make("nvshmem_ring.cuh", "lowlat::nvshmem_ring", SIGNATURE, layout.constants(), transport="nvshmem")
 
 
 def ring_word(rank: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
