@@ -14,5 +14,19 @@ HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU: this machine has no CUDA device (runs on the GPU machines via bench/gpu_check.sh)")
 
 
+def nvshmem_skip_reason():
+    """Why the NVSHMEM GPU tests cannot run here (no GPU, no nvshmem4py, no nvcc / NVSHMEM device
+    library / nvJitLink), or None when they can."""
+    if not HAS_GPU:
+        return "needs an NVIDIA GPU: this machine has no CUDA device"
+    try:
+        import nvshmem.core  # noqa: F401
+    except ImportError as exc:
+        return f"needs nvshmem4py ({exc}): pip install 'lowlat[nvshmem]' (nvshmem4py-cu13)"
+    from lowlat.jit import nvcc
+
+    return nvcc.unavailable_reason()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped, with that reason, where there is none)")

@@ -13,20 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lowlat.jit import nvcc
+from conftest import nvshmem_skip_reason
 
 
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "needs an NVIDIA GPU: this machine has no CUDA device"
-    try:
-        import nvshmem.core  # noqa: F401
-    except ImportError as exc:
-        return f"needs nvshmem4py ({exc}): pip install 'lowlat[nvshmem]' (nvshmem4py-cu13)"
-    return nvcc.unavailable_reason()
-
-
-SKIP = _skip_reason()
+SKIP = nvshmem_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=f"{SKIP}")]
 
 MESSAGE_BYTES, NUM_WARPS = 16 * 1024, 4

@@ -21,23 +21,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import HAS_GPU
+from conftest import HAS_GPU, nvshmem_skip_reason
 
 SHAPE = dict(max_tokens_per_rank=16, hidden=1536, num_experts=8, num_topk=3)
 TIMEOUT_S = 10.0  # per wait for a peer, on time-sliced contexts: generous
 RUN_TIMEOUT_S = 420  # the whole multi-process run; a hang fails the test instead of blocking CI
-
-
-def _nvshmem_skip_reason():
-    if not HAS_GPU:
-        return "needs an NVIDIA GPU: this machine has no CUDA device"
-    try:
-        import nvshmem.core  # noqa: F401
-    except ImportError as exc:
-        return f"needs nvshmem4py ({exc}): pip install 'lowlat[nvshmem]' (nvshmem4py-cu13)"
-    from lowlat.jit import nvcc
-
-    return nvcc.unavailable_reason()
 
 
 CASES = [
@@ -218,7 +206,7 @@ def test_processes_share_one_gpu(transport, world, nvlink):
     if not HAS_GPU:
         pytest.skip("needs an NVIDIA GPU: this machine has no CUDA device (runs on the GPU machines via bench/gpu_check.sh)")
     if transport == "nvshmem":
-        reason = _nvshmem_skip_reason()
+        reason = nvshmem_skip_reason()
         if reason is not None:
             pytest.skip(reason)
         # Fill the disk cache here (nvcc, in parallel) rather than in every worker at once.

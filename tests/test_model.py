@@ -29,3 +29,7 @@ def test_one_node_sends_nothing_over_the_network_and_bytes_add_up():
     big = model.model(256, tokens=128, hidden=7168, num_experts=256, num_topk=8)
     assert big["dispatch_bytes"]["network"] > 10 * big["dispatch_bytes"]["nvlink"]
     assert big["region_bytes"] < big["deepep_region_bytes"]
+    # Past one node the region holds the put staging (every row a rank may send back, at most R*T*min(L, K)).
+    from lowlat.layout import BufferShape, RegionLayout
+    assert eight["region_bytes"] == RegionLayout.of(BufferShape(8, 256, 8, 7168, 128)).total_bytes
+    assert big["region_bytes"] == RegionLayout.of(BufferShape(256, 256, 8, 7168, 128), put_staging=True).total_bytes

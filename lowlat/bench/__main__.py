@@ -40,7 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline", choices=("none", "deepep"), default="none",
                         help="deepep: DeepEP V1's low-latency mode next to lowlat's DeepEP facade, same run, one GPU, EP1")
     parser.add_argument("--ranks", default=None, help="virtual ranks on one GPU (list allowed; default 8), or processes")
-    parser.add_argument("--processes", type=int, default=None, help="force N processes on the ipc transport (default: one per GPU when there are several)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="force N processes over a process group (default: one per GPU when there are several; "
+                             "2 on one GPU with --transport ipc or nvshmem)")
+    parser.add_argument("--transport", choices=("auto", "ipc", "nvshmem"), default="auto",
+                        help="transport of the process group (auto: ipc on one host, nvshmem across hosts)")
+    parser.add_argument("--no-nvlink", action="store_true",
+                        help="with --transport nvshmem: NVSHMEM puts to every peer, none by pointer")
     parser.add_argument("--dispatch", choices=("fp8", "bf16"), default="fp8")
     parser.add_argument("--logfmt", action="store_true", help="LogFMT-10 on the combine wire")
     parser.add_argument("--hook", action="store_true", help="also time the send and receive halves separately (hook mode)")
@@ -56,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tokens = VERSUS["tokens"] if versus else STANDARD["tokens"]
     if args.experts is None:
         args.experts = VERSUS["experts"] if versus else STANDARD["experts"]
+    if args.no_nvlink and args.transport == "auto":
+        args.transport = "nvshmem"  # puts need the NVSHMEM transport
     args.token_list = [int(t) for t in str(args.tokens).split(",")]
     return args
 
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     env = report.environment()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    processes = args.processes or (gpus if gpus >= 2 else None)
+    processes = args.processes or (gpus if gpus >= 2 else 2 if args.transport != "auto" or args.no_nvlink else None)
     if gpus == 0:
         return _cpu(args, env)
     if args.baseline == "deepep":

@@ -5,7 +5,8 @@ For each EP size R (one rank per GPU, 8 GPUs per node) at a decode shape, it com
 * the bytes one rank sends per call: dispatch puts each token once per distinct destination rank
   (FP8 data + fp32 scales), combine returns one row per (token, k) (bf16 or LogFMT-10), split into
   the part that stays in the node (NVLink) and the part that crosses the network;
-* the symmetric memory per rank: lowlat's region (``lowlat.layout.RegionLayout``) against DeepEP
+* the symmetric memory per rank: lowlat's region (``lowlat.layout.RegionLayout``; past one node with
+  the staging the nvshmem transport's puts read from) against DeepEP
   V1's ``get_low_latency_rdma_size_hint`` (its layout as ``../shared/research/deepep.md`` section 2.1
   describes it: two buffers of send, receive and signalling regions);
 * an expected latency per call for three fabrics: the bytes over the link's bandwidth plus one
@@ -80,7 +81,7 @@ def model(num_ranks: int, *, tokens: int, hidden: int, num_experts: int, num_top
         "num_ranks": num_ranks,
         "dispatch_bytes": {"nvlink": tokens * in_node * fp8_message, "network": tokens * across * fp8_message},
         "combine_bytes": {"nvlink": tokens * rows_in_node * combine_row, "network": tokens * (rows_out - rows_in_node) * combine_row},
-        "region_bytes": RegionLayout.of(shape).total_bytes,
+        "region_bytes": RegionLayout.of(shape, put_staging=num_ranks > GPUS_PER_NODE).total_bytes,
         "deepep_region_bytes": deepep_size_hint(tokens, hidden, num_experts),
         "latency_us": {},
     }

@@ -1,7 +1,9 @@
-"""Several processes on the ipc transport: one per GPU (spawned here, no external launcher), with
-ranks aligned by a barrier before every timed round, next to NCCL ``all_to_all_single`` of the same
-bytes, the peer copy bandwidth and the flag round trip measured in the same run.  When processes
-outnumber GPUs (``--processes 2`` on one GPU) they share it: correctness only, no timings."""
+"""Several processes over a process group (``--transport``: ipc, or nvshmem with ``--no-nvlink`` for
+puts to every peer): one per GPU (spawned here, no external launcher), with ranks aligned by a
+barrier before every timed round, next to NCCL ``all_to_all_single`` of the same bytes, the peer copy
+bandwidth and the flag round trip measured in the same run.  When processes outnumber GPUs
+(``--processes 2``, or ``--transport nvshmem`` on one GPU) they share it and their contexts
+time-slice: correctness only, no timings."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ def run_processes(args, processes: int, env: dict, out: Path) -> int:
 
     gpus = torch.cuda.device_count()
     share = processes > gpus
-    print(f"lowlat.bench: {processes} processes on the ipc transport over {gpus} GPU(s)"
-          + (" (processes share GPUs: correctness only, no timings)" if share else ""))
+    transport = args.transport + (" (puts to every peer)" if args.no_nvlink else "")
+    print(f"lowlat.bench: {processes} processes on the {transport} transport over {gpus} GPU(s)"
+          + (" (processes share GPUs, their contexts time-slice: correctness only, no timings)" if share else ""))
     with tempfile.TemporaryDirectory() as folder:
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
@@ -36,14 +39,15 @@ def run_processes(args, processes: int, env: dict, out: Path) -> int:
     points = record["points"]
     print(f"peer copy bandwidth {record['peer_copy_gbps']:.0f} GB/s, flag round trip (device all-gather) "
           f"{record['flag_round_trip_us']:.2f} us, device copy {record['copy_bandwidth_gbps']:.0f} GB/s")
-    print(report.table(points, f"ipc transport, {processes} processes on {processes} GPUs"))
+    kind = record["kind"]
+    print(report.table(points, f"{kind} transport, {processes} processes on {processes} GPUs"))
     for p in points:
         print(f"  T={p['num_tokens']}: NCCL all_to_all_single dispatch {p['nccl_dispatch_us']:.1f} us "
               f"({p['nccl_dispatch_us'] / p['dispatch']['us']:.1f}x lowlat), combine {p['nccl_combine_us']:.1f} us "
               f"({p['nccl_combine_us'] / p['combine']['us']:.1f}x lowlat)")
-    stem = f"ipc{processes}-{env['device'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{kind}{processes}-{env['device'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"wrote {report.write_json(out, record, stem)}")
-    plot = report.plot(out, points, f"lowlat on {processes}x {env['device']} (ipc transport)", stem)
+    plot = report.plot(out, points, f"lowlat on {processes}x {env['device']} ({kind} transport)", stem)
     if plot:
         print(f"wrote {plot}")
     return 0
@@ -66,8 +70,9 @@ def _worker(rank: int, world: int, gpus: int, init_file: str, args: dict, queue)
     tokens = args["token_list"]
     shape = BufferShape(world, args["experts"], args["topk"], args["hidden"], max(tokens))
     buffer = Buffer(dist.group.WORLD, max_tokens_per_rank=shape.max_tokens_per_rank, hidden=shape.hidden,
-                    num_experts=shape.num_experts, num_topk=shape.num_topk, timeout_s=60.0 if share else 10.0)
-    record = {"kind": "ipc", "num_ranks": world, "args": args, "points": []}
+                    num_experts=shape.num_experts, num_topk=shape.num_topk, timeout_s=60.0 if share else 10.0,
+                    transport=args["transport"], allow_nvlink=not args["no_nvlink"])
+    record = {"kind": buffer.transport.kind, "num_ranks": world, "args": args, "points": []}
 
     def barrier():
         torch.cuda.synchronize()
@@ -189,7 +194,7 @@ def _peer_copy_gbps(buffer, rank: int, barrier, device_memory) -> float:
     size = buffer.transport.region_bytes // 2
     result = float("nan")
     barrier()
-    if rank == 0:
+    if rank == 0 and int(buffer.transport.peer_bases[1]) != 0:  # not for peers reached only by NVSHMEM puts
         peer = torch.as_tensor(device_memory(int(buffer.transport.peer_bases[1]), size), device=buffer.device)
         src = torch.empty(size, dtype=torch.uint8, device=buffer.device)
         peer.copy_(src)
