@@ -20,13 +20,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_combine_send(const
                                                                             int num_topk,
                                                                             const int* __restrict__ rank_prefix_matrix,  // [R, R]
                                                                             int num_rows,
-                                                                            int rank,
-                                                                            const uint64_t* __restrict__ peer_bases,
-                                                                            uint64_t* __restrict__ state,
-                                                                            unsigned long long* __restrict__ status) {
+                                                                            const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, H = Cfg::kHidden;
-    const Peers peers{peer_bases, rank};
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
+    const Peers peers = args.peers();
     const int lane = lane_id();
     const uint64_t seq = state[kSeq];
     const int parity = static_cast<int>(seq & 1);
@@ -55,19 +55,18 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_combine_recv(__nv_
                                                                             const int* __restrict__ send_pos,  // [n, R] from the dispatch
                                                                             int num_tokens,
                                                                             int num_topk,
-                                                                            int rank,
-                                                                            const uint64_t* __restrict__ peer_bases,
-                                                                            uint64_t* __restrict__ state,
-                                                                            unsigned long long* __restrict__ status,
-                                                                            long long timeout_ns) {
+                                                                            const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, H = Cfg::kHidden;
-    const Peers peers{peer_bases, rank};
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
+    const Peers peers = args.peers();
     const int lane = lane_id();
     const uint64_t seq = state[kSeq];
     const int parity = static_cast<int>(seq & 1);
     __shared__ int ok[R];
-    wait_sources<Cfg>(peers, parity, seq + 1, ok, timeout_ns, state, status);
+    wait_sources<Cfg>(peers, parity, seq + 1, ok, args.timeout_ns, state, status);
 
     for (int token = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32; token < num_tokens; token += gridDim.x * Cfg::kNumWarps) {
         const int position = lane < R ? __ldg(send_pos + static_cast<long long>(token) * R + lane) : -1;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "rank.cuh"
 #include "signal.cuh"
 #include "transport.cuh"
 

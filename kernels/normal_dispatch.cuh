@@ -63,13 +63,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_send(cons
                                                                              const int* __restrict__ num_sent,  // [R]
                                                                              const int* __restrict__ num_tokens_per_expert,  // [E] or null
                                                                              int num_tokens,
-                                                                             int rank,
-                                                                             const uint64_t* __restrict__ peer_bases,
-                                                                             uint64_t* __restrict__ state,
-                                                                             unsigned long long* __restrict__ status) {
+                                                                             const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, E = Cfg::kNumExperts, G = Cfg::kHidden / 128;
-    const Peers peers{peer_bases, rank};
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
+    const Peers peers = args.peers();
     const int lane = lane_id();
     const uint64_t seq = state[kSeq];
     const int parity = static_cast<int>(seq & 1);
@@ -121,18 +121,17 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_counts(int* __restrict__ rank_prefix_matrix,  // [R, R] out
                                                                                int* __restrict__ recv_info,  // [1 + L] out
                                                                                int expert_alignment,
-                                                                               int rank,
-                                                                               const uint64_t* __restrict__ peer_bases,
-                                                                               uint64_t* __restrict__ state,
-                                                                               unsigned long long* __restrict__ status,
-                                                                               long long timeout_ns) {
+                                                                               const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts;
-    const Peers peers{peer_bases, rank};
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
+    const Peers peers = args.peers();
     const uint64_t seq = state[kSeq];
     const int parity = static_cast<int>(seq & 1);
     __shared__ int ok[R];
-    wait_sources<Cfg>(peers, parity, seq + 1, ok, timeout_ns, state, status);
+    wait_sources<Cfg>(peers, parity, seq + 1, ok, args.timeout_ns, state, status);
 
     auto count = [&](int src, int j) { return ok[src] ? ld_cg(reinterpret_cast<const int*>(peers.local(Reg::counts(parity, src))) + j) : 0; };
     for (int dst = threadIdx.x; dst < R; dst += blockDim.x) {
@@ -161,13 +160,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_copy(void
                                                                              int data_bytes,
                                                                              int num_topk,
                                                                              bool topk_int64,
-                                                                             int rank,
-                                                                             const uint64_t* __restrict__ peer_bases,
-                                                                             uint64_t* __restrict__ state,
-                                                                             unsigned long long* __restrict__ status) {
+                                                                             const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, G = Cfg::kHidden / 128;
-    const Peers peers{peer_bases, rank};
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
+    const Peers peers = args.peers();
     const int lane = lane_id();
     const uint64_t seq = state[kSeq];
     const int parity = static_cast<int>(seq & 1);

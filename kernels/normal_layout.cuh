@@ -21,10 +21,11 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_layout(co
                                                                                int* __restrict__ num_tokens_per_rank,    // [R], zeroed
                                                                                int* __restrict__ num_tokens_per_expert,  // [E], zeroed
                                                                                bool* __restrict__ is_token_in_rank,      // [n, R]
-                                                                               int rank,
-                                                                               uint64_t* __restrict__ state,
-                                                                               unsigned long long* __restrict__ status) {
+                                                                               const RankArgs args) {
     constexpr int R = Cfg::kNumRanks, E = Cfg::kNumExperts, L = Cfg::kNumLocalExperts;
+    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
+    uint64_t* const state = args.state;
+    unsigned long long* const status = args.status;
     __shared__ int expert_count[E];
     __shared__ int rank_count[R];
     for (int i = threadIdx.x; i < E; i += blockDim.x) expert_count[i] = 0;

@@ -290,9 +290,6 @@ class Buffer:
         self._alive()
         if capturing():
             raise GraphCaptureError("the first normal-mode dispatch builds its buffer and compiles its kernels: run it before capture")
-        if not all(self.transport.peer_bases.tolist()):
-            raise UnavailableError("normal mode writes to every peer by pointer, and this Buffer reaches some peers only by "
-                                   "NVSHMEM puts (allow_nvlink_for_low_latency_mode=False, or several nodes)")
         if self._normal:
             raise ArgumentError(f"normal mode is set up for (hidden, num_experts, num_topk) = {next(iter(self._normal))}; "
                                 f"a second shape {key} does not fit next to it in num_nvl_bytes={self.num_nvl_bytes}")

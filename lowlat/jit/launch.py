@@ -237,10 +237,11 @@ class LaunchPlan:
         ensure_context(self.device_index)
         self.launch_on(current_stream_handle(self.device_index), *values)
 
-    def launch_on(self, stream: int, *values) -> None:
+    def launch_on(self, stream: int, *values, grid: int | None = None) -> None:
         """Launch on the raw stream handle ``stream``; ``values`` are the per-call arguments in the
-        order planned, as ints (use :func:`address` for tensors).  The caller has made the device's
-        context current on this thread (:func:`ensure_context`; a Buffer does it once per call)."""
+        order planned, as ints (use :func:`address` for tensors); ``grid`` replaces the planned
+        (1-D) grid for this launch.  The caller has made the device's context current on this
+        thread (:func:`ensure_context`; a Buffer does it once per call)."""
         n = self._num_variable
         if len(values) != n:
             raise ArgumentError(f"{self.kernel.name}: this plan takes {n} per-call arguments, got {len(values)}")
@@ -250,7 +251,7 @@ class LaunchPlan:
             words = self._words
             for offset, value in zip(self._variable, values):
                 words[offset] = value
-        (gx, gy, gz), (bx, by, bz) = self._grid, self._block
+        (gx, gy, gz), (bx, by, bz) = self._grid if grid is None else (grid, 1, 1), self._block
         (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
         if err:
             raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err!r})")

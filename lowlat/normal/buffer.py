@@ -179,11 +179,15 @@ class NormalBuffer:
         self.default_num_sms = NormalConfig(num_sms).num_sms or DEFAULT_NUM_SMS
         self._max_blocks = self._co_resident_blocks()
         cuda = self.device.type == "cuda"
+        if not all(self.transport.peer_bases.tolist()):
+            raise UnavailableError("normal mode writes to every peer by pointer; this transport reaches some peers only by "
+                                   "NVSHMEM puts (allow_nvlink=False, or another node)")
         self._ctx = NormalContext(
             kernels=NormalKernels(self.layout),
             rank=self.rank,
             peer_bases=(self.transport.peer_bases + region_offset).contiguous(),
             state=torch.zeros(NormalWord.NUM_WORDS, dtype=torch.int64, device=self.device),
+            rank_mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device),
             status=torch.zeros(1, dtype=torch.int64, device="cpu", pin_memory=cuda),  # written by kernels, read without a sync
             timeout_ns=int(self.timeout_s * 1e9),
             num_blocks=self._blocks(None),

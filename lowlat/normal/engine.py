@@ -15,8 +15,10 @@ import time
 import torch
 
 from ..jit import compile_all, get_kernel
+from ..jit.launch import current_stream_handle, ensure_context
+from ..ops.context import pack_rank_args, plan_with_rank
 from .layout import NormalLayout, NormalStatus, NormalWord
-from .ops import NormalKernels, launch
+from .ops import NormalKernels
 
 _POLL_SECONDS = 50e-6
 _CPU = torch.device("cpu")  # the emulated engine runs on CPU tensors only
@@ -27,81 +29,95 @@ class NormalContext:
     """Device-side identity of one rank of one NormalBuffer.
 
     ``peer_bases`` int64 [R] (device): every rank's region base; ``state`` int64 [8] (device): call
-    counter, status, block counters (:class:`NormalWord`); ``status`` int64 [1] (pinned host memory on
-    a GPU): the first error, 0 when none.  ``num_blocks``: blocks of the kernels that spread over SMs.
+    counter, status, block counters (:class:`NormalWord`); ``rank_mask`` int32 [R] (device, all zero:
+    normal mode masks no rank, the RankArgs field must still point somewhere); ``status`` int64 [1]
+    (pinned host memory on a GPU): the first error, 0 when none.  ``num_blocks``: blocks of the
+    kernels that spread over SMs.  ``packed`` is the RankArgs struct the kernels take, packed once.
     """
 
     kernels: NormalKernels
     rank: int
     peer_bases: torch.Tensor
     state: torch.Tensor
+    rank_mask: torch.Tensor
     status: torch.Tensor
     timeout_ns: int
     num_blocks: int
+    packed: bytes = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        packed = pack_rank_args(self.peer_bases, self.state, self.rank_mask, self.status, self.timeout_ns, self.rank)
+        object.__setattr__(self, "packed", packed)
 
     @property
     def layout(self) -> NormalLayout:
         return self.kernels.layout
 
-    def tail(self) -> tuple:
-        return (self.rank, self.peer_bases, self.state, self.status)
-
 
 class KernelNormalEngine:
-    """Each step is one kernel launch on the current stream."""
+    """Each step is one launch of a plan prepared in :meth:`warmup` (at NormalBuffer construction):
+    a call writes its arguments into the plan and launches it on the current stream."""
 
     def __init__(self, ctx: NormalContext):
         self.ctx = ctx
+        self._plans: dict[str, object] = {}
 
     def warmup(self) -> None:
-        specs = self.ctx.kernels.all()
-        compile_all(specs)
-        device_index = torch.cuda.current_device()
-        for spec in specs:
-            _finish_loading(get_kernel(spec).load(device_index))
+        kernels = self.ctx.kernels
+        compile_all(kernels.all())
+        device_index = self._device_index = self.ctx.state.device.index
+        block = kernels.num_warps * 32
+        for step in kernels.STEPS:
+            kernel = get_kernel(getattr(kernels, step))
+            _finish_loading(kernel.load(device_index))
+            self._plans[step] = plan_with_rank(kernel, device_index, self.ctx.num_blocks, block, self.ctx.packed)
 
-    def _launch(self, spec, grid: int, args: tuple) -> None:
-        launch(spec, grid, self.ctx.kernels.num_warps, args)
+    def _launch(self, step: str, grid: int, *args) -> None:
+        ensure_context(self._device_index)
+        self._plans[step].launch_on(current_stream_handle(self._device_index), *map(_word, args), grid=grid)
 
     def dispatch_layout(self, topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, *, num_blocks: int) -> None:
         n, k = topk_idx.shape
         grid = max(1, min(num_blocks, -(-n // self.ctx.kernels.num_warps)))
-        self._launch(self.ctx.kernels.dispatch_layout, grid,
-                     (topk_idx, topk_idx.dtype == torch.int64, n, k, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
-                      self.ctx.rank, self.ctx.state, self.ctx.status))
+        self._launch("dispatch_layout", grid, topk_idx, topk_idx.dtype == torch.int64, n, k, num_tokens_per_rank, num_tokens_per_expert,
+                     is_token_in_rank)
 
     def prepare(self, is_token_in_rank, send_pos, num_sent) -> None:
-        num_ranks = self.ctx.layout.shape.num_ranks
-        self._launch(self.ctx.kernels.prepare, num_ranks, (is_token_in_rank, is_token_in_rank.shape[0], send_pos, num_sent))
+        self._launch("prepare", self.ctx.layout.shape.num_ranks, is_token_in_rank, is_token_in_rank.shape[0], send_pos, num_sent)
 
     def send(self, x, x_scales, topk_idx, topk_weights, send_pos, num_sent, num_tokens_per_expert, *, num_blocks: int) -> None:
-        n = x.shape[0]
         scale_strides = x_scales.stride() if x_scales is not None else (0, 0)
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         topk_int64 = topk_idx is not None and topk_idx.dtype == torch.int64
-        self._launch(self.ctx.kernels.send, num_blocks,
-                     (x, x.shape[1] * x.element_size(), x_scales, scale_strides[0], scale_strides[1], topk_idx, topk_int64, topk_weights,
-                      num_topk, send_pos, num_sent, num_tokens_per_expert, n, *self.ctx.tail()))
+        self._launch("send", num_blocks, x, x.shape[1] * x.element_size(), x_scales, scale_strides[0], scale_strides[1], topk_idx,
+                     topk_int64, topk_weights, num_topk, send_pos, num_sent, num_tokens_per_expert, x.shape[0])
 
     def counts(self, rank_prefix_matrix, recv_info, expert_alignment: int) -> None:
-        self._launch(self.ctx.kernels.counts, 1, (rank_prefix_matrix, recv_info, expert_alignment, *self.ctx.tail(), self.ctx.timeout_ns))
+        self._launch("counts", 1, rank_prefix_matrix, recv_info, expert_alignment)
 
     def copy(self, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix_matrix, *, num_blocks: int) -> None:
         num_topk = recv_topk_idx.shape[1] if recv_topk_idx is not None else 0
         topk_int64 = recv_topk_idx is not None and recv_topk_idx.dtype == torch.int64
-        self._launch(self.ctx.kernels.copy, num_blocks,
-                     (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix_matrix, recv_x.shape[0],
-                      recv_x.shape[1] * recv_x.element_size(), num_topk, topk_int64, *self.ctx.tail()))
+        self._launch("copy", num_blocks, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, rank_prefix_matrix,
+                     recv_x.shape[0], recv_x.shape[1] * recv_x.element_size(), num_topk, topk_int64)
 
     def combine_send(self, x, topk_weights, rank_prefix_matrix, *, num_blocks: int) -> None:
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-        self._launch(self.ctx.kernels.combine_send, num_blocks,
-                     (x, topk_weights, num_topk, rank_prefix_matrix, x.shape[0], *self.ctx.tail()))
+        self._launch("combine_send", num_blocks, x, topk_weights, num_topk, rank_prefix_matrix, x.shape[0])
 
     def combine_recv(self, out, out_weights, bias_0, bias_1, send_pos, *, num_blocks: int) -> None:
         num_topk = out_weights.shape[1] if out_weights is not None else 0
-        self._launch(self.ctx.kernels.combine_recv, num_blocks,
-                     (out, out_weights, bias_0, bias_1, send_pos, out.shape[0], num_topk, *self.ctx.tail(), self.ctx.timeout_ns))
+        self._launch("combine_recv", num_blocks, out, out_weights, bias_0, bias_1, send_pos, out.shape[0], num_topk)
+
+
+def _word(value) -> int:
+    """A per-call argument as the 64-bit word LaunchPlan.launch_on writes: a tensor's address, 0
+    for None, a non-negative int or bool."""
+    if value is None:
+        return 0
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    return int(value)
 
 
 class EmulatedNormalEngine:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..jit import ArgKind, KernelSpec, Param, get_kernel
+from ..jit import ArgKind, KernelSpec, Param
+from ..ops.context import RANK_PARAM
 from .layout import NormalLayout
-
-STATE_PARAMS = (Param("rank", ArgKind.I32), Param("peer_bases", ArgKind.PTR), Param("state", ArgKind.PTR), Param("status", ArgKind.PTR))
-TIMEOUT = Param("timeout_ns", ArgKind.I64)
 
 LAYOUT_SIGNATURE = (
     Param("topk_idx", ArgKind.PTR), Param("topk_int64", ArgKind.BOOL), Param("num_tokens", ArgKind.I32), Param("num_topk", ArgKind.I32),
     Param("num_tokens_per_rank", ArgKind.PTR), Param("num_tokens_per_expert", ArgKind.PTR), Param("is_token_in_rank", ArgKind.PTR),
-    Param("rank", ArgKind.I32), Param("state", ArgKind.PTR), Param("status", ArgKind.PTR),
+    RANK_PARAM,
 )
 PREPARE_SIGNATURE = (
     Param("is_token_in_rank", ArgKind.PTR), Param("num_tokens", ArgKind.I32), Param("send_pos", ArgKind.PTR), Param("num_sent", ArgKind.PTR),
@@ -28,24 +26,24 @@ SEND_SIGNATURE = (
     Param("scale_token_stride", ArgKind.I64), Param("scale_group_stride", ArgKind.I64),
     Param("topk_idx", ArgKind.PTR), Param("topk_int64", ArgKind.BOOL), Param("topk_weights", ArgKind.PTR), Param("num_topk", ArgKind.I32),
     Param("send_pos", ArgKind.PTR), Param("num_sent", ArgKind.PTR), Param("num_tokens_per_expert", ArgKind.PTR),
-    Param("num_tokens", ArgKind.I32), *STATE_PARAMS,
+    Param("num_tokens", ArgKind.I32), RANK_PARAM,
 )
 COUNTS_SIGNATURE = (
-    Param("rank_prefix_matrix", ArgKind.PTR), Param("recv_info", ArgKind.PTR), Param("expert_alignment", ArgKind.I32), *STATE_PARAMS, TIMEOUT,
+    Param("rank_prefix_matrix", ArgKind.PTR), Param("recv_info", ArgKind.PTR), Param("expert_alignment", ArgKind.I32), RANK_PARAM,
 )
 COPY_SIGNATURE = (
     Param("recv_x", ArgKind.PTR), Param("recv_scales", ArgKind.PTR), Param("recv_topk_idx", ArgKind.PTR),
     Param("recv_topk_weights", ArgKind.PTR), Param("recv_src_idx", ArgKind.PTR), Param("rank_prefix_matrix", ArgKind.PTR),
     Param("num_rows", ArgKind.I32), Param("data_bytes", ArgKind.I32), Param("num_topk", ArgKind.I32), Param("topk_int64", ArgKind.BOOL),
-    *STATE_PARAMS,
+    RANK_PARAM,
 )
 COMBINE_SEND_SIGNATURE = (
     Param("x", ArgKind.PTR), Param("topk_weights", ArgKind.PTR), Param("num_topk", ArgKind.I32),
-    Param("rank_prefix_matrix", ArgKind.PTR), Param("num_rows", ArgKind.I32), *STATE_PARAMS,
+    Param("rank_prefix_matrix", ArgKind.PTR), Param("num_rows", ArgKind.I32), RANK_PARAM,
 )
 COMBINE_RECV_SIGNATURE = (
     Param("out", ArgKind.PTR), Param("out_weights", ArgKind.PTR), Param("bias_0", ArgKind.PTR), Param("bias_1", ArgKind.PTR),
-    Param("send_pos", ArgKind.PTR), Param("num_tokens", ArgKind.I32), Param("num_topk", ArgKind.I32), *STATE_PARAMS, TIMEOUT,
+    Param("send_pos", ArgKind.PTR), Param("num_tokens", ArgKind.I32), Param("num_topk", ArgKind.I32), RANK_PARAM,
 )
 
 
@@ -87,9 +85,8 @@ class NormalKernels:
     def combine_recv(self) -> KernelSpec:
         return self._spec("normal_combine.cuh", "normal_combine_recv", COMBINE_RECV_SIGNATURE)
 
+    STEPS = ("dispatch_layout", "prepare", "send", "counts", "copy", "combine_send", "combine_recv")
+
     def all(self) -> list[KernelSpec]:
-        return [self.dispatch_layout, self.prepare, self.send, self.counts, self.copy, self.combine_send, self.combine_recv]
+        return [getattr(self, step) for step in self.STEPS]
 
-
-def launch(spec: KernelSpec, grid: int, num_warps: int, args: tuple) -> None:
-    get_kernel(spec).launch(grid, num_warps * 32, args)

@@ -25,9 +25,6 @@ RECV_SIGNATURE = (
     RANK_PARAM,
 )
 FUSED_SIGNATURE = (*SEND_SIGNATURE[:-1], *RECV_SIGNATURE[:-1], RANK_PARAM)  # both halves in one kernel
-SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
-RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
-FUSED_ARGS = SEND_ARGS + RECV_ARGS
 RECV_VARIANTS = [(use_logfmt, topk_int64) for use_logfmt in (False, True) for topk_int64 in (True, False)]
 
 
@@ -52,19 +49,17 @@ def all_specs(config: KernelConfig) -> list[KernelSpec]:
 def fused_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
     """Plans keyed by (use_logfmt, topk_int64), with a grid resident at once; launch(*send arguments,
     *receive arguments)."""
-    return {(f, i): ctx.plan(fused_spec(ctx.config, use_logfmt=f, topk_int64=i), (None,) * 5 + (None, None, None, None, 0, 0, None),
-                             variable=FUSED_ARGS, resident=True)
+    return {(f, i): ctx.plan(fused_spec(ctx.config, use_logfmt=f, topk_int64=i), resident=True)
             for f, i in RECV_VARIANTS}
 
 
 def send_plans(ctx: RankContext) -> dict[bool, LaunchPlan]:
     """Plans keyed by use_logfmt; launch(x, recv_count, recv_src_info, recv_src_topk, recv_layout_range)."""
-    return {f: ctx.plan(send_spec(ctx.config, use_logfmt=f), (None,) * len(SEND_ARGS), variable=SEND_ARGS) for f in (False, True)}
+    return {f: ctx.plan(send_spec(ctx.config, use_logfmt=f)) for f in (False, True)}
 
 
 def recv_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
     """Plans keyed by (use_logfmt, topk_int64); launch(out, topk_idx, topk_weights, num_tokens_ptr,
     num_tokens_host, num_out_rows, wait_cost_stats)."""
-    return {(f, i): ctx.plan(recv_spec(ctx.config, use_logfmt=f, topk_int64=i), (None, None, None, None, 0, 0, None),
-                             variable=RECV_ARGS)
+    return {(f, i): ctx.plan(recv_spec(ctx.config, use_logfmt=f, topk_int64=i))
             for f, i in RECV_VARIANTS}

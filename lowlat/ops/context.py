@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Sequence
-
 import torch
 
 from ..jit import ArgKind, KernelSpec, Param, get_kernel
@@ -56,8 +54,7 @@ class RankContext:
     packed: bytes = dataclasses.field(init=False)
 
     def __post_init__(self):
-        packed = _RANK_ARGS.pack(self.peer_bases.data_ptr(), self.state.data_ptr(), self.rank_mask.data_ptr(),
-                                 self.status.data_ptr(), self.timeout_ns, self.rank, 0)
+        packed = pack_rank_args(self.peer_bases, self.state, self.rank_mask, self.status, self.timeout_ns, self.rank)
         object.__setattr__(self, "packed", packed)
 
     @property
@@ -68,17 +65,33 @@ class RankContext:
     def device_index(self) -> int:
         return self.state.device.index
 
-    def plan(self, spec: KernelSpec, args: tuple, *, variable: Sequence[str], grid: int | None = None,
-             block: int | None = None, resident: bool = False) -> LaunchPlan:
-        """A launch plan of ``spec`` for this rank: ``args`` without the trailing RankArgs, which is
-        appended here; ``variable`` names the parameters each launch passes.  ``resident``: the grid
-        is capped so that every block fits on the device at once (kernels whose blocks wait for
-        each other)."""
-        kernel = get_kernel(spec)
-        grid, block = grid or self.num_blocks, block or self.config.num_warps * 32
-        if resident:
-            grid = max(1, min(grid, kernel.resident_blocks(self.device_index, block)))
-        return kernel.plan(self.device_index, grid, block, (*args, self.packed), variable=variable)
+    def plan(self, spec: KernelSpec, *, grid: int | None = None, block: int | None = None, resident: bool = False) -> LaunchPlan:
+        """A launch plan of ``spec`` for this rank: every parameter but the trailing RankArgs is
+        passed per launch, in signature order.  ``resident``: the grid is capped so that every block
+        fits on the device at once (kernels whose blocks wait for each other)."""
+        return plan_with_rank(get_kernel(spec), self.device_index, grid or self.num_blocks, block or self.config.num_warps * 32,
+                              self.packed, resident=resident)
+
+
+def pack_rank_args(peer_bases: torch.Tensor, state: torch.Tensor, mask: torch.Tensor, status: torch.Tensor, timeout_ns: int,
+                   rank: int) -> bytes:
+    """The 48 bytes of ``kernels/rank.cuh``'s RankArgs, every kernel family's last parameter."""
+    return _RANK_ARGS.pack(peer_bases.data_ptr(), state.data_ptr(), mask.data_ptr(), status.data_ptr(), timeout_ns, rank, 0)
+
+
+def plan_with_rank(kernel, device_index: int, grid: int, block: int, packed: bytes, *, resident: bool = False) -> LaunchPlan:
+    """A plan of ``kernel`` whose every parameter is per-call except a trailing RankArgs (``packed``);
+    ``resident`` caps the grid at what fits on the device at once."""
+    signature = kernel.signature
+    has_rank = bool(signature) and signature[-1].kind is ArgKind.RANK
+    per_call = signature[:-1] if has_rank else signature
+    if resident:
+        grid = max(1, min(grid, kernel.resident_blocks(device_index, block)))
+    placeholders = tuple(_PLACEHOLDERS.get(p.kind, 0) for p in per_call)  # overwritten by every launch
+    return kernel.plan(device_index, grid, block, placeholders + ((packed,) if has_rank else ()), variable=[p.name for p in per_call])
+
+
+_PLACEHOLDERS = {ArgKind.PTR: None, ArgKind.BOOL: False, ArgKind.F32: 0.0}
 
 
 def unpack_rank_args(packed: bytes) -> dict:

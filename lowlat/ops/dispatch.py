@@ -31,10 +31,6 @@ RECV_SIGNATURE = (
 )
 # Both halves in one kernel (calls without a receive hook): the send's arguments, then the receive's.
 FUSED_SIGNATURE = (*SEND_SIGNATURE[:-1], *RECV_SIGNATURE[:-1], RANK_PARAM)
-# Per-call arguments, in the order LaunchPlan.launch takes them: everything but the RankArgs.
-SEND_ARGS = tuple(p.name for p in SEND_SIGNATURE[:-1])
-RECV_ARGS = tuple(p.name for p in RECV_SIGNATURE[:-1])
-FUSED_ARGS = SEND_ARGS + RECV_ARGS
 
 
 def send_spec(config: KernelConfig, *, use_fp8: bool, topk_int64: bool) -> KernelSpec:
@@ -72,14 +68,14 @@ def all_specs(config: KernelConfig) -> list[KernelSpec]:
 
 def send_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
     """Plans keyed by (use_fp8, topk_int64); launch(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale)."""
-    return {(f, i): ctx.plan(send_spec(ctx.config, use_fp8=f, topk_int64=i), (None, None, None, 0, False), variable=SEND_ARGS)
+    return {(f, i): ctx.plan(send_spec(ctx.config, use_fp8=f, topk_int64=i))
             for f, i in SEND_VARIANTS}
 
 
 def recv_plans(ctx: RankContext) -> dict[tuple[bool, bool], LaunchPlan]:
     """Plans keyed by (use_fp8, use_ue8m0); launch(recv_x, recv_scales, recv_count, recv_src_info,
     recv_src_topk, recv_layout_range, cumulative_recv_stats, wait_cost_stats)."""
-    return {(f, u): ctx.plan(recv_spec(ctx.config, use_fp8=f, use_ue8m0=u), (None,) * len(RECV_ARGS), variable=RECV_ARGS)
+    return {(f, u): ctx.plan(recv_spec(ctx.config, use_fp8=f, use_ue8m0=u))
             for f, u in RECV_VARIANTS}
 
 
@@ -88,8 +84,7 @@ def fused_plans(ctx: RankContext) -> dict[tuple[bool, bool, bool], LaunchPlan]:
     *send arguments, *receive arguments).  Empty where the fused kernel does not fit."""
     if not fused_fits(ctx.config):
         return {}
-    return {(f, u, i): ctx.plan(fused_spec(ctx.config, use_fp8=f, use_ue8m0=u, topk_int64=i), (None, None, None, 0, False) + (None,) * 8,
-                                variable=FUSED_ARGS, resident=True)
+    return {(f, u, i): ctx.plan(fused_spec(ctx.config, use_fp8=f, use_ue8m0=u, topk_int64=i), resident=True)
             for f, u, i in FUSED_VARIANTS}
 
 

@@ -19,4 +19,4 @@ def plan(ctx: RankContext) -> LaunchPlan:
     ``gathered`` int64 [R, EXCHANGE_WORDS] (device): every rank's words once all have arrived (a rank
     that is masked or times out reads as all ones).  Every rank must launch it; it is also a
     device-side barrier.  One block."""
-    return ctx.plan(exchange_spec(ctx.config), (None, None), variable=("words", "gathered"), grid=1, block=BLOCK_THREADS)
+    return ctx.plan(exchange_spec(ctx.config), grid=1, block=BLOCK_THREADS)
