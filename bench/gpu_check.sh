@@ -8,7 +8,8 @@
 #       bash bench/gpu_check.sh OUT all
 #
 # versus: builds DeepEP V1 from .peers/ (a git-ignored copy of ../shared/peers: the archive and
-# build_deepep.sh) into /tmp and runs `python -m lowlat.bench --baseline deepep` next to it.
+# build_deepep.sh) into /tmp and runs `python -m lowlat.bench --baseline deepep` next to it, and with
+# 2+ GPUs `python -m lowlat.bench.normal --baseline deepep` (normal mode, one rank per GPU).
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|all]}
 what=${2:-all}
@@ -49,6 +50,14 @@ if [ "$what" = versus ] || [ "$what" = all ]; then
       PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} NVSHMEM_REMOTE_TRANSPORT=none \
         python3 -m lowlat.bench --out "$out" --baseline deepep ${VERSUS_ARGS:-} 2>&1 | tee "$out/versus.log"
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      # DeepEP's normal mode runs one rank per GPU: its side-by-side needs 2+ GPUs.
+      if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+        PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} \
+          python3 -m lowlat.bench.normal --out "$out" --baseline deepep 2>&1 | tee "$out/versus-normal.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      else
+        echo "normal mode vs DeepEP: skipped, DeepEP's normal kernels need 2+ GPUs (one rank per GPU)"
+      fi
     else
       tail -20 "$out/deepep-build.log"; status=1
     fi

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (median reported)")
     parser.add_argument("--calls-per-graph", type=int, default=2)
     parser.add_argument("--out", default="bench/results", help="folder for the JSON record")
+    parser.add_argument("--baseline", choices=("none", "deepep"), default="none",
+                        help="deepep: DeepEP V1's normal mode beside lowlat's, one process per GPU (needs 2+ GPUs; "
+                             "lowlat/bench/versus_normal.py)")
+    parser.add_argument("--calls", type=int, default=10, help="with --baseline deepep: calls per timed round")
     return parser.parse_args(argv)
 
 
@@ -253,6 +257,10 @@ def _time_torch(baseline: TorchNormal, rounds: int, time_replays) -> tuple[float
 def main(argv=None) -> int:
     args = parse_args(argv)
     fp8 = args.dispatch == "fp8"
+    if args.baseline == "deepep":
+        from .versus_normal import run
+
+        return run(args)
     if not torch.cuda.is_available():
         tokens = min(args.check_tokens, 32)
         hidden = min(args.hidden, 512)
