@@ -30,6 +30,8 @@ __device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restri
     using Chunk = logfmt::Chunk<logfmt::chunk_size(Cfg::kHidden)>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, T = Cfg::kMaxTokens, K = Cfg::kNumTopk, H = Cfg::kHidden;
     constexpr int RT = R * T, kChunk = logfmt::chunk_size(H), kNumChunks = H / kChunk;
+    static_assert(!Peers::kMayPut || Cfg::kCombineSendRows > 0,
+                  "puts read staging areas: build the NVSHMEM flavour with RegionLayout.of(shape, put_staging=True)");
     const Peers peers = rank.peers();
     uint64_t* const state = rank.state;
     const int lane = lane_id(), warp = threadIdx.x / 32;

@@ -184,6 +184,8 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
                                                     const int* __restrict__ num_tokens_ptr, int num_tokens_host, bool round_scale,
                                                     const RankArgs& rank, uint64_t seq) {
     constexpr int E = Cfg::kNumExperts, T = Cfg::kMaxTokens;
+    static_assert(!Peers::kMayPut || Cfg::kCombineSendRows > 0,
+                  "puts read staging areas: build the NVSHMEM flavour with RegionLayout.of(shape, put_staging=True)");
     const Peers peers = rank.peers();
     uint64_t* const state = rank.state;
     const int global_warp = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32;

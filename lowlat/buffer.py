@@ -121,11 +121,18 @@ class Buffer:
                  validate_routing: bool = False, rank_mask: torch.Tensor | None = None):
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
-        self.shape = BufferShape(_group_size(group), num_experts, num_topk, hidden, max_tokens_per_rank)
-        check.flag("allow_nvlink", allow_nvlink)
+        num_ranks = _group_size(group)
+        problem = None
+        try:
+            self.shape = BufferShape(num_ranks, num_experts, num_topk, hidden, max_tokens_per_rank)
+            check.flag("allow_nvlink", allow_nvlink)
+        except (ArgumentError, ArgumentTypeError) as exc:
+            if isinstance(group, Transport):
+                raise
+            problem, self.shape = exc, None  # raised on every rank of the group, not on this one alone
         if not isinstance(group, Transport):
             group = make_transport(group, transport, lambda kind: RegionLayout.of(self.shape, put_staging=kind == "nvshmem").total_bytes,
-                                   allow_nvlink, "(shape, transport, allow_nvlink)", self.shape)
+                                   allow_nvlink, "(shape, transport, allow_nvlink)", self.shape, problem)
         self.transport = group
         self.layout = RegionLayout.of(self.shape, put_staging=self.transport.kind == "nvshmem")
         self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
@@ -590,32 +597,47 @@ def _group_size(group) -> int:
     raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or a lowlat Transport, got {type(group).__name__}")
 
 
-def make_transport(group, kind: str, region_bytes, allow_nvlink: bool, what: str, value) -> Transport:
+def make_transport(group, kind: str, region_bytes, allow_nvlink: bool, what: str, value, problem: Exception | None = None) -> Transport:
     """A transport over a process group (collective over ``group``): ``kind`` is ``"ipc"``,
-    ``"nvshmem"`` or ``"auto"`` (``ipc`` when every rank runs on this host, else ``nvshmem``);
-    ``region_bytes(kind)`` is the size of the symmetric region the chosen kind needs.  ``value``
-    (named ``what``) must be equal on every rank: the Buffer's shapes, checked first."""
-    if kind not in ("auto", "ipc", "nvshmem"):
-        raise ArgumentError(f"transport must be 'auto', 'ipc' or 'nvshmem', got {kind!r}")
-    if not torch.cuda.is_available():
-        raise UnavailableError(f"transport={kind!r} needs CUDA GPUs and this machine has none; use Buffer.local_group "
-                               "for virtual ranks on the CPU")
+    ``"nvshmem"`` or ``"auto"`` (``ipc`` when every rank runs on this host and ``allow_nvlink``,
+    else ``nvshmem``); ``region_bytes(kind)`` is the size of the symmetric region the chosen kind
+    needs.  ``value`` (named ``what``, the Buffer's shapes) must be equal on every rank.  A rank's
+    ``problem`` (an argument error found before), or a problem found here (no GPU, a missing
+    package), is raised on every rank before any transport starts."""
     from .transport.base import agree
 
-    one_host = agree(group, what, (value, kind, allow_nvlink))
+    one_host = agree(group, what, (value, kind, allow_nvlink), problem or _transport_problem(kind, allow_nvlink))
     if kind == "auto":
-        kind = "ipc" if one_host else "nvshmem"
+        kind = "ipc" if one_host and allow_nvlink else "nvshmem"
+        if kind == "nvshmem":
+            agree(group, "the nvshmem transport's readiness", None, _transport_problem(kind, allow_nvlink))
     if kind == "ipc":
-        if not allow_nvlink:
-            raise ArgumentError("allow_nvlink=False needs transport='nvshmem' (ipc writes to peers by pointer only)")
         from .transport.ipc import IpcTransport
 
         return IpcTransport(group, region_bytes("ipc"))
-    from .jit.nvcc import toolchain
-    from .transport.nvshmem import NvshmemTransport, nvshmem_core
+    from .transport.nvshmem import NvshmemTransport
 
-    nvshmem_core(), toolchain()  # name what is missing (nvshmem4py, nvcc, NVSHMEM's device library) before NVSHMEM starts
     return NvshmemTransport(group, region_bytes("nvshmem"), nvlink=allow_nvlink)
+
+
+def _transport_problem(kind: str, allow_nvlink: bool) -> Exception | None:
+    """Why this rank cannot build a ``kind`` transport, or None."""
+    try:
+        if kind not in ("auto", "ipc", "nvshmem"):
+            raise ArgumentError(f"transport must be 'auto', 'ipc' or 'nvshmem', got {kind!r}")
+        if not torch.cuda.is_available():
+            raise UnavailableError(f"transport={kind!r} needs CUDA GPUs and this machine has none; use Buffer.local_group "
+                                   "for virtual ranks on the CPU")
+        if kind == "ipc" and not allow_nvlink:
+            raise ArgumentError("allow_nvlink=False needs transport='nvshmem' (ipc writes to peers by pointer only)")
+        if kind == "nvshmem":
+            from .jit.nvcc import toolchain
+            from .transport.nvshmem import nvshmem_core
+
+            nvshmem_core(), toolchain()  # nvshmem4py, nvcc, NVSHMEM's device library, nvJitLink
+    except (ArgumentError, ArgumentTypeError, UnavailableError) as exc:
+        return exc
+    return None
 
 
 _STATUS_ERRORS = {

@@ -14,6 +14,15 @@ HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU: this machine has no CUDA device (runs on the GPU machines via bench/gpu_check.sh)")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a gloo rendezvous between test processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def nvshmem_skip_reason():
     """Why the NVSHMEM GPU tests cannot run here (no GPU, no nvshmem4py, no nvcc / NVSHMEM device
     library / nvJitLink), or None when they can."""

@@ -4,8 +4,6 @@ between them through the pointer path (nvshmem_ptr) and through NVSHMEM puts (nv
 eagerly and from a replayed CUDA graph; a PE that does not send is reported by its successor as a
 timeout naming it.  On a machine with several GPUs the ranks spread over them."""
 
-import os
-import socket
 import time
 from datetime import timedelta
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import nvshmem_skip_reason
+from conftest import free_port, nvshmem_skip_reason
 
 
 SKIP = nvshmem_skip_reason()
@@ -23,12 +21,6 @@ MESSAGE_BYTES, NUM_WARPS = 16 * 1024, 4
 RUN_TIMEOUT_S = 300  # the whole multi-process run; a hang fails the test instead of blocking
 CALL_TIMEOUT_NS = 10_000_000_000  # a ring call on time-sliced contexts: generous
 SILENT_TIMEOUT_NS = 1_000_000_000  # the bounded wait for the PE that never sends
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, nvlink):
@@ -123,7 +115,7 @@ def test_ring_across_processes_on_one_gpu(world, nvlink):
 
     # Compile once here, so the workers load from the disk cache instead of running nvcc together.
     NvshmemCompiler().compile(ring_spec(RingLayout(world, MESSAGE_BYTES, NUM_WARPS)))
-    context = mp.start_processes(_worker, args=(world, _free_port(), nvlink), nprocs=world, join=False,
+    context = mp.start_processes(_worker, args=(world, free_port(), nvlink), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not context.join(timeout=5):  # raises if a worker failed

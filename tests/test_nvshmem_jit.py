@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from conftest import free_port
+
 from lowlat.errors import ArgumentError, ArgumentTypeError, CompileError, TransportError, UnavailableError
 from lowlat.jit import nvcc
 from lowlat.jit.compiler import included_headers, kernel_dir
@@ -136,6 +138,19 @@ def test_abi_mismatch_is_a_compile_error(cache):
     bad = KernelSpec(spec.header, spec.kernel, tuple(wrong), spec.constants)
     with pytest.raises(CompileError, match="declares the parameters"):
         nvcc.NvshmemCompiler(ARCH, use_disk_cache=False).compile(bad)
+
+
+def test_nvshmem_flavour_needs_the_put_staging_layout(cache):
+    """Puts read staging areas that only the put-staging layout has: a low-latency kernel built in the
+    NVSHMEM flavour over the plain layout fails to compile, naming the fix."""
+    from lowlat.layout import BufferShape, RegionLayout
+    from lowlat.ops import combine
+    from lowlat.ops.context import KernelConfig
+
+    shape = BufferShape(num_ranks=2, num_experts=4, num_topk=2, hidden=256, max_tokens_per_rank=4)
+    plain = KernelConfig(RegionLayout.of(shape), transport="nvshmem")
+    with pytest.raises(CompileError, match=r"put_staging=True"):
+        nvcc.NvshmemCompiler(ARCH, use_disk_cache=False).compile(combine.send_spec(plain, use_logfmt=False))
 
 
 def test_mangled_prefix():
@@ -328,17 +343,11 @@ def _agree_worker(rank, port, sizes, queue):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sizes", [(4096, 4096), (4096, 8192)], ids=["same", "different"])
 def test_region_sizes_must_agree_across_ranks(sizes):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_agree_worker, args=(r, port, sizes, queue)) for r in range(len(sizes))]
     for p in procs:
         p.start()
@@ -477,7 +486,7 @@ def test_unique_id_reaches_every_rank_and_the_runtime_is_shared():
     pytest.importorskip("nvshmem.core", reason="nvshmem4py not installed (pip install 'lowlat[nvshmem]')")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_start_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -60,17 +60,23 @@ class Buffer:
         if group is None:
             raise ArgumentTypeError("group must be a torch.distributed ProcessGroup (mpi4py communicators are not supported)"
                                     if comm is not None else "group must be a torch.distributed ProcessGroup, got None")
-        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 128:
-                raise ArgumentError(f"{name} must be a non-negative multiple of 128, got {value!r}")
         self.group = group
         self.group_size = _group_size(group)
+        self._options = dict(lowlat_options)
+        problem = None
+        try:
+            for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 128:
+                    raise ArgumentError(f"{name} must be a non-negative multiple of 128, got {value!r}")
+            for reserved in ("fresh_outputs", "enable_zero_copy", "rank_mask"):
+                if reserved in self._options:
+                    raise ArgumentError(f"{reserved} is set by the facade (fresh outputs, zero-copy on request, one mask)")
+        except ArgumentError as exc:
+            if isinstance(group, Transport):
+                raise
+            problem = exc  # raised on every rank of the group (make_transport), not on this one alone
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode, self.explicitly_destroy, self.enable_shrink = low_latency_mode, explicitly_destroy, enable_shrink
-        self._options = dict(lowlat_options)
-        for reserved in ("fresh_outputs", "enable_zero_copy", "rank_mask"):
-            if reserved in self._options:
-                raise ArgumentError(f"{reserved} is set by the facade (fresh outputs, zero-copy on request, one mask)")
         # The collective part, now: every rank's region of num_rdma_bytes, mapped by every peer.
         # One region per rank: [0, num_rdma_bytes) for the low-latency mode, then num_nvl_bytes for normal mode.
         if isinstance(group, Transport):
@@ -87,7 +93,7 @@ class Buffer:
             kind = self._options.pop("transport", "auto" if allow_nvlink_for_low_latency_mode else "nvshmem")
             self.transport = make_transport(group, kind, lambda _: max(num_rdma_bytes + num_nvl_bytes, 2**21),
                                             allow_nvlink_for_low_latency_mode, "((num_rdma_bytes, num_nvl_bytes), transport, allow_nvlink)",
-                                            (num_rdma_bytes, num_nvl_bytes))
+                                            (num_rdma_bytes, num_nvl_bytes), problem)
         self.rank = self.transport.rank
         self.device = self.transport.device
         if self.device.type == "cuda" and getattr(self.transport, "stream", None) is None:

@@ -92,18 +92,36 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot_id}"
 
 
-def agree(group, what: str, value) -> bool:
-    """Check that every rank of the torch.distributed ``group`` passes an equal ``value`` (raising
-    ArgumentError that lists each rank's, on every rank, so that a mismatch is an error and never a
-    hang in a later collective); returns whether every rank runs on this host.  Collective."""
+def agree(group, what: str, value, problem: BaseException | None = None) -> bool:
+    """Check, collectively over the torch.distributed ``group``, that every rank is ready and passes
+    an equal ``value``: a rank that hit ``problem`` (an argument error, a missing package) makes every
+    rank raise it, and unequal values raise ArgumentError listing each rank's, so that a mistake on
+    one rank is an error everywhere and never a hang in a later collective.  Returns whether every
+    rank runs on this host."""
     import torch.distributed as dist
 
     from ..errors import ArgumentError
 
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (host_identity(), value), group=group)
-    values = [v for _, v in everyone]
+    dist.all_gather_object(everyone, (host_identity(), None if problem is not None else value, problem), group=group)
+    failures = [(rank, failure) for rank, (_, _, failure) in enumerate(everyone) if failure is not None]
+    if failures:
+        rank, failure = failures[0]
+        if rank == dist.get_rank(group):
+            raise failure
+        raise _relayed(failure, f"rank {rank}: {failure}")
+    values = [v for _, v, _ in everyone]
     if any(v != values[0] for v in values):
         detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise ArgumentError(f"{what} differs across ranks ({detail}); every rank must pass the same")
-    return len({host for host, _ in everyone}) == 1
+    return len({host for host, _, _ in everyone}) == 1
+
+
+def _relayed(failure: BaseException, message: str) -> BaseException:
+    """Another rank's error, raised here with the same type when it takes a message."""
+    from ..errors import TransportError
+
+    try:
+        return type(failure)(message)
+    except Exception:
+        return TransportError(message)

@@ -15,7 +15,8 @@ NVSHMEM runs once per process: a second transport in the same process must be bu
 ranks (it allocates another symmetric region); the runtime is finalised when the last one closes.
 
 Environment (set here only when unset, before NVSHMEM starts): ``NVSHMEM_DISABLE_NVLS=1`` (lowlat
-never uses NVLink multicast); ``NVSHMEM_REMOTE_TRANSPORT=none`` when every rank is on one host;
+never uses NVLink multicast); ``NVSHMEM_REMOTE_TRANSPORT=none`` when every rank is on one host, else
+``NVSHMEM_IB_ENABLE_IBGDA=1`` (puts from the GPU, not through NVSHMEM's CPU proxy);
 ``NVSHMEM_SYMMETRIC_SIZE`` large enough for the region when the default 1 GiB is not.
 """
 
@@ -178,6 +179,8 @@ class NvshmemTransport(Transport):
             os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
             if one_host:
                 os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+            else:
+                os.environ.setdefault("NVSHMEM_IB_ENABLE_IBGDA", "1")  # device-initiated RDMA, not the CPU proxy
             if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ and region_bytes + _HEAP_SLACK_BYTES > _DEFAULT_HEAP_BYTES:
                 heap = -(-(region_bytes + _HEAP_SLACK_BYTES) // (2 << 20)) * (2 << 20)
                 os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)
