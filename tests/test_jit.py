@@ -72,19 +72,23 @@ def test_abi_mismatch_between_launcher_and_kernel_is_a_compile_error(cache):
         Compiler(ARCH, use_disk_cache=False).compile(small_spec(signature=tuple(wrong)))
 
 
-def _compile_in_child(arch):
-    return Compiler(arch).compile(small_spec()).cubin
+def _compile_in_child(arch, start):
+    start.wait()  # both processes miss the cache together
+    compiled = Compiler(arch).compile(small_spec())
+    return compiled.from_cache, compiled.cubin
 
 
-def test_concurrent_processes_share_the_cache_safely(cache):
+def test_concurrent_processes_compile_once_and_share_the_cache(cache):
+    """Ranks of one node build the same kernels at the same moment: one process compiles each entry
+    (under the entry's lock), the others wait and read it."""
     ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Barrier(2)
     with ctx.Pool(2) as pool:
-        cubins = pool.map(_compile_in_child, [ARCH, ARCH])
-    # NVRTC names internal symbols after the compiling process, so the two cubins differ by a few
-    # bytes; what matters is that both compiled and the cache holds one complete entry from one of them.
-    assert all(c[:4] == b"\x7fELF" for c in cubins)
+        results = pool.starmap(_compile_in_child, [(ARCH, start), (ARCH, start)])
+    assert sorted(from_cache for from_cache, _ in results) == [False, True]
+    assert results[0][1] == results[1][1] and results[0][1][:4] == b"\x7fELF"
     cached = Compiler(ARCH).compile(small_spec())
-    assert cached.from_cache and cached.cubin in cubins
+    assert cached.from_cache and cached.cubin == results[0][1]
     assert len(list(cache.rglob("*.cubin"))) == 1
     assert not list(cache.rglob(".*"))  # no temporary files left behind
 

@@ -8,6 +8,7 @@ processes that compile the same kernel at once never see a half-written cubin.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -172,11 +173,18 @@ class CachingCompiler:
                 f"{spec.display_name} is not compiled yet and a CUDA graph is being captured; "
                 "call Buffer.warmup() (or run the call once eagerly) before capture"
             )
-        compiled = self._load(spec, key) if self.use_disk_cache else None
-        if compiled is None:
+        if not self.use_disk_cache:
             compiled = self._compile_now(spec)
-            if self.use_disk_cache:
-                self._store(key, compiled)
+        else:
+            compiled = self._load(spec, key)
+            if compiled is None:
+                # Ranks of one node start together and would all compile the same kernels: the first
+                # to take the entry's lock compiles, the others wait for it and read its result.
+                with disk_lock(spec, self.arch, key):
+                    compiled = self._load(spec, key)
+                    if compiled is None:
+                        compiled = self._compile_now(spec)
+                        self._store(key, compiled)
         with self._lock:
             return self._memory.setdefault(key, compiled)
 
@@ -238,6 +246,29 @@ def _cache_paths(spec: KernelSpec, arch: str, key: str) -> tuple[Path, Path]:
     stem = re.sub(r"[^A-Za-z0-9_]+", "_", spec.kernel.split("::")[-1])
     folder = cache_dir() / arch
     return folder / f"{stem}-{key[:32]}.cubin", folder / f"{stem}-{key[:32]}.json"
+
+
+@contextlib.contextmanager
+def disk_lock(spec: KernelSpec, arch: str, key: str):
+    """An exclusive lock on the cache entry of ``key``, across processes (``flock`` on a lock file
+    beside the entry); a no-op where the cache folder cannot be written or ``fcntl`` is missing."""
+    try:
+        import fcntl
+
+        path = _cache_paths(spec, arch, key)[0].with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: compile without one, as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def disk_read(spec: KernelSpec, arch: str, key: str) -> tuple[bytes, dict] | None:
