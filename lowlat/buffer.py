@@ -122,31 +122,57 @@ class Buffer:
         if capturing():
             raise GraphCaptureError("a Buffer allocates and compiles: build it before CUDA graph capture")
         num_ranks = _group_size(group)
+        process_group = None if isinstance(group, Transport) else group
         problem = None
-        try:
+        try:  # every check that needs no device, before anything collective
             self.shape = BufferShape(num_ranks, num_experts, num_topk, hidden, max_tokens_per_rank)
             check.flag("allow_nvlink", allow_nvlink)
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+                raise ArgumentError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+            if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+                raise ArgumentError(f"num_sms must be a positive int, got {num_sms!r}")
+            self.validate_routing = check.flag("validate_routing", validate_routing)
+            self.fresh_outputs = check.flag("fresh_outputs", fresh_outputs)
+            check.flag("enable_zero_copy", enable_zero_copy)
         except (ArgumentError, ArgumentTypeError) as exc:
-            if isinstance(group, Transport):
+            if process_group is None:
                 raise
             problem, self.shape = exc, None  # raised on every rank of the group, not on this one alone
-        if not isinstance(group, Transport):
-            group = make_transport(group, transport, lambda kind: RegionLayout.of(self.shape, put_staging=kind == "nvshmem").total_bytes,
+        if process_group is not None:
+            group = make_transport(process_group, transport,
+                                   lambda kind: RegionLayout.of(self.shape, put_staging=kind == "nvshmem").total_bytes,
                                    allow_nvlink, "(shape, transport, allow_nvlink)", self.shape, problem)
         self.transport = group
+        self.timeout_s = float(timeout_s)
+        if process_group is None:
+            self._set_up(num_sms, rank_mask, enable_zero_copy)
+            return
+        # Over a process group, a failure of one rank's set-up (a bad rank_mask, a compile error, no
+        # memory) is raised on every rank, and every rank releases the transport it built.
+        try:
+            self._set_up(num_sms, rank_mask, enable_zero_copy)
+            problem = None
+        except Exception as exc:  # noqa: BLE001 - relayed to every rank by agree() below
+            problem = exc
+        from .transport.base import agree
+
+        try:
+            agree(process_group, "Buffer set-up", None, problem)
+        except BaseException:
+            self.transport.close()
+            raise
+
+    def _set_up(self, num_sms, rank_mask, enable_zero_copy: bool) -> None:
+        """Everything after the transport: layout, device state, engine (kernels compiled and
+        planned), output storage, streams."""
         self.layout = RegionLayout.of(self.shape, put_staging=self.transport.kind == "nvshmem")
         self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
         if self.transport.region_bytes < self.layout.total_bytes:
             raise ArgumentError(f"the transport's region has {self.transport.region_bytes} bytes, {self.layout.total_bytes} needed")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ArgumentError(f"timeout_s must be a number > 0, got {timeout_s!r}")
         self.device = self.transport.device
         self._device_index = self.device.index if self.device.type == "cuda" else None
         self.buffer_id = next(_buffer_ids)
-        self.timeout_s = float(timeout_s)
-        self.validate_routing = check.flag("validate_routing", validate_routing)
-        self.fresh_outputs = check.flag("fresh_outputs", fresh_outputs)
-        check.flag("enable_zero_copy", enable_zero_copy)
+        fresh_outputs = self.fresh_outputs
         with torch.cuda.device(self._device_index) if self._device_index is not None else contextlib.nullcontext():
             self._ctx = self._make_context(num_sms, rank_mask)
             self._status_host = self._ctx.status.numpy()  # the pinned status word, read without torch ops
@@ -194,8 +220,6 @@ class Buffer:
             status = torch.zeros(1, dtype=torch.int64, device="cpu", pin_memory=True)
         else:
             default, status = 1, torch.zeros(1, dtype=torch.int64, device="cpu")
-        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
-            raise ArgumentError(f"num_sms must be a positive int, got {num_sms!r}")
         if rank_mask is None:
             rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         check.tensor("rank_mask", rank_mask, dtypes=check.INT32, shape=(self.num_ranks,), device=self.device)
@@ -593,6 +617,8 @@ def _group_size(group) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        if dist.get_rank(group) < 0:
+            raise ArgumentError("this process is not a member of group (its rank in the group is -1)")
         return dist.get_world_size(group)
     raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or a lowlat Transport, got {type(group).__name__}")
 
@@ -637,6 +663,8 @@ def _transport_problem(kind: str, allow_nvlink: bool) -> Exception | None:
             nvshmem_core(), toolchain()  # nvshmem4py, nvcc, NVSHMEM's device library, nvJitLink
     except (ArgumentError, ArgumentTypeError, UnavailableError) as exc:
         return exc
+    except Exception as exc:  # noqa: BLE001 - e.g. a broken nvshmem4py install: still raised on every rank
+        return UnavailableError(f"the {kind} transport cannot start on this rank ({type(exc).__name__}: {exc})")
     return None
 
 

@@ -7,13 +7,13 @@ import multiprocessing
 
 import pytest
 
-from conftest import free_port
 
 SHAPE = dict(max_tokens_per_rank=4, hidden=256, num_experts=4, num_topk=2)
 
 
-def _worker(rank, port, case, queue):
+def _worker(rank, init_file, case, queue):
     import os
+    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
@@ -24,7 +24,7 @@ def _worker(rank, port, case, queue):
 
     torch.cuda.is_available = lambda: True  # as on a GPU machine: the errors under test come first
     lowlat.buffer.capturing = lambda: False  # (the CPU wheel has no capture query)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         if case == "shape":  # rank 1 asks for experts that do not divide among the ranks
             lowlat.Buffer(dist.group.WORLD, **dict(SHAPE, num_experts=5 if rank == 1 else 4))
@@ -36,6 +36,20 @@ def _worker(rank, port, case, queue):
             lowlat.Buffer(dist.group.WORLD, transport="nvshmem", **SHAPE)
         elif case == "facade":  # rank 1 passes a num_rdma_bytes DeepEP would refuse
             deep_ep.Buffer(dist.group.WORLD, 0, 100 if rank == 1 else 1 << 20, low_latency_mode=True)
+        elif case == "setup":  # rank 1's set-up fails after the transport exists (a rank_mask of the wrong shape)
+            from lowlat.layout import BufferShape, RegionLayout
+            from lowlat.transport.local import LocalWorld
+
+            closed = []
+            world = LocalWorld(2, RegionLayout.of(BufferShape(2, 4, 2, 256, 4)).total_bytes, "cpu")
+            transport = world.transport(rank)
+            transport.close = lambda: closed.append(rank)  # every rank must release what it built
+            lowlat.buffer.make_transport = lambda *args: transport  # CPU stand-in for the ipc transport
+            mask = torch.zeros(3 if rank == 1 else 2, dtype=torch.int32, device="cpu")
+            try:
+                lowlat.Buffer(dist.group.WORLD, rank_mask=mask, **SHAPE)
+            finally:
+                assert closed == [rank], closed
         queue.put((rank, "ok", ""))
     except Exception as exc:
         queue.put((rank, type(exc).__name__, str(exc)))
@@ -48,19 +62,23 @@ def _worker(rank, port, case, queue):
     ("different", "ArgumentError", None, "differs across ranks"),
     ("nvcc", "UnavailableError", 0, "LOWLAT_NVCC='/nonexistent/nvcc' is not an executable nvcc"),
     ("facade", "ArgumentError", 1, "num_rdma_bytes must be a non-negative multiple of 128, got 100"),
+    ("setup", "ArgumentError", 1, "rank_mask must have shape [2], got (3,)"),
 ])
-def test_one_ranks_mistake_is_raised_on_every_rank(case, error, origin, needle):
+def test_one_ranks_mistake_is_raised_on_every_rank(case, error, origin, needle, tmp_path):
     if case == "nvcc":
         pytest.importorskip("nvshmem.core", reason="nvshmem4py not installed (pip install 'lowlat[nvshmem]')")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, case, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "rendezvous"), case, queue), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = sorted(queue.get(timeout=120) for _ in procs)  # a hang fails here instead of blocking
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     for rank, kind, message in results:
         assert kind == error, (rank, kind, message)
         assert needle in message, (rank, message)

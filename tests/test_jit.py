@@ -4,13 +4,14 @@ the ABI check between Python launchers and C++ kernels, and argument conversion.
 import ctypes
 import multiprocessing
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from lowlat.errors import ArgumentError, ArgumentTypeError, CompileError
-from lowlat.jit import ArgKind, Compiler, Kernel, KernelSpec
+from lowlat.jit import ArgKind, Compiler, Kernel, KernelSpec, Param
 from lowlat.jit.compiler import included_headers, kernel_dir
 from lowlat.jit.registry import SHIPPED_SHAPES, shipped_specs
 from lowlat.layout import BufferShape, RegionLayout
@@ -72,25 +73,54 @@ def test_abi_mismatch_between_launcher_and_kernel_is_a_compile_error(cache):
         Compiler(ARCH, use_disk_cache=False).compile(small_spec(signature=tuple(wrong)))
 
 
-def _compile_in_child(arch, start):
-    start.wait()  # both processes miss the cache together
-    compiled = Compiler(arch).compile(small_spec())
+def _compile_in_child(arch, start, broken=False):
+    start.wait(timeout=120)  # both processes miss the cache together
+    spec = small_spec()
+    if broken:  # the launcher declares a parameter the kernel does not have: a compile error
+        spec = small_spec(signature=spec.signature[:-1] + (Param("rank", ArgKind.I32),))
+    try:
+        compiled = Compiler(arch).compile(spec)
+    except CompileError as exc:
+        return "CompileError", str(exc)
     return compiled.from_cache, compiled.cubin
+
+
+def _in_two_processes(*args):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            return pool.starmap(_compile_in_child, [(ARCH, start, *args)] * 2)
 
 
 def test_concurrent_processes_compile_once_and_share_the_cache(cache):
     """Ranks of one node build the same kernels at the same moment: one process compiles each entry
     (under the entry's lock), the others wait and read it."""
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Manager().Barrier(2)
-    with ctx.Pool(2) as pool:
-        results = pool.starmap(_compile_in_child, [(ARCH, start), (ARCH, start)])
+    results = _in_two_processes()
     assert sorted(from_cache for from_cache, _ in results) == [False, True]
     assert results[0][1] == results[1][1] and results[0][1][:4] == b"\x7fELF"
     cached = Compiler(ARCH).compile(small_spec())
     assert cached.from_cache and cached.cubin == results[0][1]
     assert len(list(cache.rglob("*.cubin"))) == 1
     assert not list(cache.rglob(".*"))  # no temporary files left behind
+
+
+def test_a_compile_error_reaches_every_waiting_process(cache):
+    """A kernel that does not compile fails in every process that asked for it, and the processes
+    that waited on the lock read the error instead of compiling again in turn."""
+    results = _in_two_processes(True)
+    assert [kind for kind, _ in results] == ["CompileError"] * 2
+    assert all("declares the parameters" in message for _, message in results)
+
+
+def test_recorded_failures_are_honoured_only_when_fresh(cache):
+    from lowlat.jit.compiler import disk_failure, record_failure
+
+    spec = small_spec()
+    record_failure(spec, ARCH, "k" * 64, "boom")
+    assert disk_failure(spec, ARCH, "k" * 64, since=time.time() - 60) == "boom"  # while this process waited
+    assert disk_failure(spec, ARCH, "k" * 64, since=time.time() + 60) is None  # from an earlier run: retried
+    assert disk_failure(spec, ARCH, "x" * 64, since=0.0) is None
 
 
 def _send_spec():

@@ -99,7 +99,8 @@ def _cpu(args, env) -> int:
 
     ranks = int((args.ranks or "8").split(",")[0])
     config = _configs(args, ranks)[0]
-    print(f"lowlat.bench: no CUDA device on this machine ({env['device']}); running the CPU reference path.")
+    print(f"lowlat.bench: no CUDA device on this machine ({env['device']}); running the CPU reference path"
+          + (f" (--transport {args.transport} needs CUDA GPUs: not used)." if args.transport != "auto" else "."))
     start = time.perf_counter()
     print(run_cpu_reference(config) + f" [CPU emulation of the kernels' protocol, {time.perf_counter() - start:.1f} s]")
     print("lowlat's kernels need an NVIDIA GPU (Hopper or newer): no timings are taken on this machine.")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validation as check
 from ..buffer import Buffer as _LowLatBuffer, _group_size, make_transport
 from ..errors import ArgumentError, ArgumentTypeError, GraphCaptureError, UnavailableError
 from ..handle import DispatchHandle, EventOverlap
@@ -71,7 +72,8 @@ class Buffer:
             for reserved in ("fresh_outputs", "enable_zero_copy", "rank_mask"):
                 if reserved in self._options:
                     raise ArgumentError(f"{reserved} is set by the facade (fresh outputs, zero-copy on request, one mask)")
-        except ArgumentError as exc:
+            check.flag("allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode)
+        except (ArgumentError, ArgumentTypeError) as exc:
             if isinstance(group, Transport):
                 raise
             problem = exc  # raised on every rank of the group (make_transport), not on this one alone

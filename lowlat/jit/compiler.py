@@ -179,11 +179,20 @@ class CachingCompiler:
             compiled = self._load(spec, key)
             if compiled is None:
                 # Ranks of one node start together and would all compile the same kernels: the first
-                # to take the entry's lock compiles, the others wait for it and read its result.
+                # to take the entry's lock compiles, the others wait for it and read its result (or
+                # its failure, rather than each failing again in turn).
+                waiting_since = time.time()
                 with disk_lock(spec, self.arch, key):
                     compiled = self._load(spec, key)
                     if compiled is None:
-                        compiled = self._compile_now(spec)
+                        failure = disk_failure(spec, self.arch, key, since=waiting_since)
+                        if failure is not None:
+                            raise CompileError(f"{spec.display_name}: another process failed to compile it just now:\n{failure}")
+                        try:
+                            compiled = self._compile_now(spec)
+                        except CompileError as exc:
+                            record_failure(spec, self.arch, key, str(exc))
+                            raise
                         self._store(key, compiled)
         with self._lock:
             return self._memory.setdefault(key, compiled)
@@ -250,25 +259,46 @@ def _cache_paths(spec: KernelSpec, arch: str, key: str) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def disk_lock(spec: KernelSpec, arch: str, key: str):
-    """An exclusive lock on the cache entry of ``key``, across processes (``flock`` on a lock file
-    beside the entry); a no-op where the cache folder cannot be written or ``fcntl`` is missing."""
+    """An exclusive lock on the cache entry of ``key``, across processes and threads (``flock`` on a
+    lock file beside the entry); no lock where the cache folder cannot be written, ``fcntl`` is
+    missing or the file system has no locks."""
+    fd = None
     try:
         import fcntl
 
         path = _cache_paths(spec, arch, key)[0].with_suffix(".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except (ImportError, OSError):
-        yield
-        return
+        pass  # compile without the lock, as before
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks: compile without one, as before
-            pass
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def record_failure(spec: KernelSpec, arch: str, key: str, message: str) -> None:
+    """Leave the compile error of ``key`` beside its entry, for processes waiting on its lock."""
+    path = _cache_paths(spec, arch, key)[0].with_suffix(".failed")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, message.encode())
+    except OSError:
+        pass
+
+
+def disk_failure(spec: KernelSpec, arch: str, key: str, *, since: float) -> str | None:
+    """The compile error another process recorded for ``key`` after ``since`` (a time.time()), or
+    None: older records are from earlier runs, and are retried."""
+    path = _cache_paths(spec, arch, key)[0].with_suffix(".failed")
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def disk_read(spec: KernelSpec, arch: str, key: str) -> tuple[bytes, dict] | None:

@@ -94,22 +94,27 @@ def host_identity() -> str:
 
 def agree(group, what: str, value, problem: BaseException | None = None) -> bool:
     """Check, collectively over the torch.distributed ``group``, that every rank is ready and passes
-    an equal ``value``: a rank that hit ``problem`` (an argument error, a missing package) makes every
-    rank raise it, and unequal values raise ArgumentError listing each rank's, so that a mistake on
-    one rank is an error everywhere and never a hang in a later collective.  Returns whether every
-    rank runs on this host."""
+    an equal ``value``: a rank that hit ``problem`` (an argument error, a missing package, a failed
+    set-up) raises it, and every other rank raises a copy naming that rank, so that a mistake on one
+    rank is an error everywhere and never a hang in a later collective; unequal values raise
+    ArgumentError listing each rank's.  Returns whether every rank runs on this host."""
     import torch.distributed as dist
 
     from ..errors import ArgumentError
 
+    me = dist.get_rank(group)
+    if me < 0:
+        raise ArgumentError("this process is not a member of group (its rank in the group is -1)")
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (host_identity(), None if problem is not None else value, problem), group=group)
+    dist.all_gather_object(everyone, (host_identity(), None if problem is not None else value, _portable(problem)), group=group)
+    if problem is not None:
+        raise problem
     failures = [(rank, failure) for rank, (_, _, failure) in enumerate(everyone) if failure is not None]
     if failures:
         rank, failure = failures[0]
-        if rank == dist.get_rank(group):
-            raise failure
-        raise _relayed(failure, f"rank {rank}: {failure}")
+        others = f" (and ranks {', '.join(str(r) for r, _ in failures[1:])})" if len(failures) > 1 else ""
+        failure.args = (f"rank {rank}{others}: {failure}",) + tuple(failure.args[1:])
+        raise failure
     values = [v for _, v, _ in everyone]
     if any(v != values[0] for v in values):
         detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
@@ -117,11 +122,18 @@ def agree(group, what: str, value, problem: BaseException | None = None) -> bool
     return len({host for host, _, _ in everyone}) == 1
 
 
-def _relayed(failure: BaseException, message: str) -> BaseException:
-    """Another rank's error, raised here with the same type when it takes a message."""
+def _portable(problem: BaseException | None) -> BaseException | None:
+    """``problem`` as the other ranks receive it: itself when it survives pickling, else a
+    TransportError with its type and message."""
+    if problem is None:
+        return None
+    import pickle
+
     from ..errors import TransportError
 
     try:
-        return type(failure)(message)
-    except Exception:
-        return TransportError(message)
+        copy = pickle.loads(pickle.dumps(problem))
+    except Exception:  # noqa: BLE001 - any class that cannot be rebuilt from its args
+        return TransportError(f"{type(problem).__name__}: {problem}")
+    copy.__traceback__ = None
+    return copy
