@@ -68,31 +68,31 @@ class Session:
         self.buffer.low_latency_combine(self.y, self.topk_idx, self.topk_weights, handle)
 
 
-def host_us(call, *, calls: int = 40, repeats: int = 7) -> float:
-    """Median CPU microseconds per call over ``repeats`` bursts of ``calls`` calls (GPU drained
-    between bursts, so the launch queue never fills)."""
+def _median_us(call, *, calls: int, repeats: int, wait_for_gpu: bool) -> float:
+    """Median microseconds per call over ``repeats`` bursts of ``calls`` calls, each burst starting on
+    a drained GPU; ``wait_for_gpu``: the burst ends when the GPU is done (wall time), else when the
+    host has issued it (host time)."""
     samples = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             call()
+        if wait_for_gpu:
+            torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize()
     return statistics.median(samples)
 
 
+def host_us(call, *, calls: int = 40, repeats: int = 7) -> float:
+    """Median CPU microseconds per call (the GPU drained between bursts, so the launch queue never fills)."""
+    return _median_us(call, calls=calls, repeats=repeats, wait_for_gpu=False)
+
+
 def eager_step_us(step, *, steps: int = 30, repeats: int = 7) -> float:
     """Median wall microseconds per eager dispatch + combine, ``steps`` steps then a synchronise."""
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / steps * 1e6)
-    return statistics.median(samples)
+    return _median_us(step, calls=steps, repeats=repeats, wait_for_gpu=True)
 
 
 def measure(session: Session, *, rounds: int, calls_per_graph: int) -> dict:

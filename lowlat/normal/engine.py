@@ -15,8 +15,8 @@ import time
 import torch
 
 from ..jit import compile_all, get_kernel
-from ..jit.launch import current_stream_handle, ensure_context
-from ..ops.context import pack_rank_args, plan_with_rank
+from ..jit.launch import address, current_stream_handle, ensure_context
+from ..ops.context import RankArgsContext, plan_with_rank
 from .layout import NormalLayout, NormalStatus, NormalWord
 from .ops import NormalKernels
 
@@ -25,29 +25,12 @@ _CPU = torch.device("cpu")  # the emulated engine runs on CPU tensors only
 
 
 @dataclasses.dataclass(frozen=True)
-class NormalContext:
-    """Device-side identity of one rank of one NormalBuffer.
+class NormalContext(RankArgsContext):
+    """One rank of one NormalBuffer: its RankArgs (``state`` int64 [8]: call counter, status, block
+    counters, :class:`NormalWord`; ``rank_mask`` all zero, normal mode masks no rank) and
+    ``kernels``, its kernel specialisations."""
 
-    ``peer_bases`` int64 [R] (device): every rank's region base; ``state`` int64 [8] (device): call
-    counter, status, block counters (:class:`NormalWord`); ``rank_mask`` int32 [R] (device, all zero:
-    normal mode masks no rank, the RankArgs field must still point somewhere); ``status`` int64 [1]
-    (pinned host memory on a GPU): the first error, 0 when none.  ``num_blocks``: blocks of the
-    kernels that spread over SMs.  ``packed`` is the RankArgs struct the kernels take, packed once.
-    """
-
-    kernels: NormalKernels
-    rank: int
-    peer_bases: torch.Tensor
-    state: torch.Tensor
-    rank_mask: torch.Tensor
-    status: torch.Tensor
-    timeout_ns: int
-    num_blocks: int
-    packed: bytes = dataclasses.field(init=False)
-
-    def __post_init__(self):
-        packed = pack_rank_args(self.peer_bases, self.state, self.rank_mask, self.status, self.timeout_ns, self.rank)
-        object.__setattr__(self, "packed", packed)
+    kernels: NormalKernels = dataclasses.field(kw_only=True)
 
     @property
     def layout(self) -> NormalLayout:
@@ -65,7 +48,7 @@ class KernelNormalEngine:
     def warmup(self) -> None:
         kernels = self.ctx.kernels
         compile_all(kernels.all())
-        device_index = self._device_index = self.ctx.state.device.index
+        device_index = self._device_index = self.ctx.device_index
         block = kernels.num_warps * 32
         for step in kernels.STEPS:
             kernel = get_kernel(getattr(kernels, step))
@@ -111,13 +94,9 @@ class KernelNormalEngine:
 
 
 def _word(value) -> int:
-    """A per-call argument as the 64-bit word LaunchPlan.launch_on writes: a tensor's address, 0
-    for None, a non-negative int or bool."""
-    if value is None:
-        return 0
-    if isinstance(value, torch.Tensor):
-        return value.data_ptr()
-    return int(value)
+    """A per-call argument as the 64-bit word LaunchPlan.launch_on writes: a bool as 0 or 1, else
+    what :func:`lowlat.jit.launch.address` makes of it (a tensor's address, 0 for None, an int)."""
+    return int(value) if isinstance(value, bool) else address(value)
 
 
 class EmulatedNormalEngine:

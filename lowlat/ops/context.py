@@ -33,17 +33,18 @@ class KernelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RankContext:
-    """Device-side identity of one rank of one Buffer.
+class RankArgsContext:
+    """Device-side identity of one rank, what ``kernels/rank.cuh``'s RankArgs carries (both kernel
+    families take it).
 
     ``peer_bases`` int64 [R] (device): base address of every rank's symmetric region;
-    ``state`` int64 [16] (device): call sequence numbers and block counters (see layout.StateWord);
+    ``state`` int64 (device): the family's call counters, status copy and block counters;
     ``rank_mask`` int32 [R] (device): 1 for ranks excluded after a timeout;
-    ``status`` int64 [1] (pinned host memory, written by kernels): first error, 0 when none.
-    ``packed`` is the RankArgs struct every kernel takes, packed once from these.
+    ``status`` int64 [1] (pinned host memory on a GPU, written by kernels): first error, 0 when none;
+    ``num_blocks``: blocks of the kernels that spread over SMs.
+    ``packed`` is the RankArgs struct, packed once from these.
     """
 
-    config: KernelConfig
     rank: int
     peer_bases: torch.Tensor
     state: torch.Tensor
@@ -58,12 +59,20 @@ class RankContext:
         object.__setattr__(self, "packed", packed)
 
     @property
-    def layout(self) -> RegionLayout:
-        return self.config.layout
-
-    @property
     def device_index(self) -> int:
         return self.state.device.index
+
+
+@dataclasses.dataclass(frozen=True)
+class RankContext(RankArgsContext):
+    """One rank of one low-latency Buffer: its RankArgs (``state`` int64 [16], see layout.StateWord)
+    and ``config``, everything its kernels are specialised on."""
+
+    config: KernelConfig = dataclasses.field(kw_only=True)
+
+    @property
+    def layout(self) -> RegionLayout:
+        return self.config.layout
 
     def plan(self, spec: KernelSpec, *, grid: int | None = None, block: int | None = None, resident: bool = False) -> LaunchPlan:
         """A launch plan of ``spec`` for this rank: every parameter but the trailing RankArgs is
