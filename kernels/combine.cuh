@@ -21,8 +21,9 @@
 namespace lowlat {
 
 // The send half after its protocol check: put every received row (or its LogFMT encoding) into its
-// (token, k) slot at the source rank; the last block raises the flags and advances the counter.
-template <class Cfg>
+// (token, k) slot at the source rank; the last block raises the flags and advances the counter (in a
+// fused launch, the receive counter too).
+template <class Cfg, bool kFused = false>
 __device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restrict__ x, const long long* __restrict__ recv_layout_range,
                                                    const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_topk,
                                                    const RankArgs& rank, uint64_t seq) {
@@ -75,16 +76,21 @@ __device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restri
     }
 
     flush_puts();
-    if (finish_block(blocks_done(state, kCombineSendDone))) {
+    constexpr Scope kScope = peer_scope<Cfg>();
+    if (finish_block<kScope>(blocks_done(state, kCombineSendDone))) {
         for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
-            if (!rank.masked(peer)) signal(peers, peer, Reg::combine_flag(parity, rank.id), seq + 1);
-        if (threadIdx.x == 0) state[kCombineSendSeq] = seq + 1;
+            if (!rank.masked(peer)) signal<kScope>(peers, peer, Reg::combine_flag(parity, rank.id), seq + 1);
+        if (threadIdx.x == 0) {
+            state[kCombineSendSeq] = seq + 1;
+            if constexpr (kFused) state[kCombineRecvSeq] = seq + 1;
+        }
     }
 }
 
 // The receive half after its protocol check: wait for every source (bounded), then reduce each
-// token's top-k slots in k order; the last block advances the receive counter.
-template <class Cfg>
+// token's top-k slots in k order; the last block advances the receive counter (a fused launch's send
+// phase already did).
+template <class Cfg, bool kFused = false>
 __device__ __forceinline__ void combine_recv_phase(__nv_bfloat16* __restrict__ out, const void* __restrict__ topk_idx,
                                                    const float* __restrict__ topk_weights, const int* __restrict__ num_tokens_ptr,
                                                    int num_tokens_host, int num_out_rows, long long* __restrict__ wait_cost_stats,
@@ -102,7 +108,7 @@ __device__ __forceinline__ void combine_recv_phase(__nv_bfloat16* __restrict__ o
     __shared__ int source_ok[R];
 
     const int parity = static_cast<int>(seq & 1);
-    wait_all_sources<R>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
+    wait_all_sources<R, peer_scope<Cfg>()>(peers.local(Reg::combine_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     int num_tokens = num_tokens_ptr != nullptr ? __ldg(num_tokens_ptr) : num_tokens_host;
     num_tokens = max(0, min(num_tokens, min(num_out_rows, Cfg::kMaxTokens)));
 
@@ -165,7 +171,8 @@ __device__ __forceinline__ void combine_recv_phase(__nv_bfloat16* __restrict__ o
         }
     }
 
-    if (finish_block(blocks_done(state, kCombineRecvDone)) && threadIdx.x == 0) state[kCombineRecvSeq] = seq + 1;
+    if constexpr (!kFused)
+        if (finish_block<peer_scope<Cfg>()>(blocks_done(state, kCombineRecvDone)) && threadIdx.x == 0) state[kCombineRecvSeq] = seq + 1;
 }
 
 template <class Cfg>
@@ -175,6 +182,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_send(const __nv_b
                                                                      const int* __restrict__ recv_src_topk,      // [L, R*T]
                                                                      const long long* __restrict__ recv_layout_range,  // [L, R]
                                                                      const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kCombineSendSeq];
     if (seq - rank.state[kCombineRecvSeq] >= 2) {
         if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
@@ -192,6 +200,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine_recv(__nv_bfloat1
                                                                      int num_out_rows,
                                                                      long long* __restrict__ wait_cost_stats,  // [R] or null
                                                                      const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kCombineRecvSeq];
     if (seq >= rank.state[kCombineSendSeq]) {
         if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusRecvWithoutSend, rank.id, static_cast<int>(seq));
@@ -211,13 +220,14 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) combine(const __nv_bfloat
                                                                 const int* __restrict__ num_tokens_ptr, int num_tokens_host,
                                                                 int num_out_rows, long long* __restrict__ wait_cost_stats,
                                                                 const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kCombineSendSeq];
     if (seq != rank.state[kCombineRecvSeq]) {  // a receive hook is pending; a fused call pairs its own halves
         if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
         return;
     }
-    combine_send_phase<Cfg>(x, recv_layout_range, recv_src_info, recv_src_topk, rank, seq);
-    combine_recv_phase<Cfg>(out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host, num_out_rows, wait_cost_stats, rank, seq);
+    combine_send_phase<Cfg, true>(x, recv_layout_range, recv_src_info, recv_src_topk, rank, seq);
+    combine_recv_phase<Cfg, true>(out, topk_idx, topk_weights, num_tokens_ptr, num_tokens_host, num_out_rows, wait_cost_stats, rank, seq);
 }
 
 }  // namespace lowlat

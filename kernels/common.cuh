@@ -36,24 +36,37 @@ struct MaxOp { __device__ float operator()(float a, float b) const { return fmax
 struct MinOp { __device__ float operator()(float a, float b) const { return fminf(a, b); } };
 
 // ---- memory ordering ---------------------------------------------------------------------------
-// Flags are 64-bit words written with release and read with acquire at system scope, so the data a
-// peer wrote before its flag (over NVLink or in this GPU's memory) is visible once the flag is.
+// Flags are 64-bit words written with release and read with acquire, so the data a peer wrote
+// before its flag is visible once the flag is.  The scope is the narrowest that holds every peer:
+// kGpu when all ranks run on this GPU (virtual ranks, a one-rank group), kSystem when a peer is
+// another GPU (NVLink) or the host reads what is published.
 
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
+enum class Scope { kGpu, kSystem };
+
+template <Scope kScope = Scope::kSystem>
+__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* ptr) {
     uint64_t value;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+    if constexpr (kScope == Scope::kGpu) asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+    else asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
     return value;
 }
 
-__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+template <Scope kScope = Scope::kSystem>
+__device__ __forceinline__ void st_release(uint64_t* ptr, uint64_t value) {
+    if constexpr (kScope == Scope::kGpu) asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+    else asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+template <Scope kScope = Scope::kSystem>
+__device__ __forceinline__ void fence_acq_rel() {
+    if constexpr (kScope == Scope::kGpu) asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    else asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+// The status mirror in pinned host memory is always written at system scope.
 __device__ __forceinline__ void st_relaxed_sys(unsigned long long* ptr, unsigned long long value) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
-
-__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 // Loads of data that peers wrote during this kernel's lifetime go through L2 (never the
 // non-coherent path), after the acquire of the flag that published them.
@@ -75,6 +88,18 @@ __device__ __forceinline__ void store_warp(Word* dst, const Word* src, int n) {
         for (int u = 0; u < kUnroll; ++u) __stcg(dst + i + 32 * u, chunk[u]);
     }
     for (; i < n; i += 32) __stcg(dst + i, src[i]);
+}
+
+// Programmatic dependent launch (sm_90+; both instructions are no-ops for a launch that did not ask
+// for it).  The kernel first lets the next kernel on its stream be scheduled as soon as every one
+// of its own blocks runs, then waits until the previous kernel has finished and its writes are
+// visible.  Every low-latency kernel calls this before anything else, so nothing it reads is stale
+// and the launch gap hides behind the previous kernel's tail.
+__device__ __forceinline__ void chain_after_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {

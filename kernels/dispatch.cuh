@@ -178,8 +178,9 @@ __device__ __forceinline__ void store_slice(const uint8_t* message, int slice, v
 }  // namespace dispatch_detail
 
 // The send half after its protocol check: quantise and put every token, route every expert, and
-// let the last block raise one epoch flag per destination and advance the send counter.
-template <class Cfg>
+// let the last block raise one epoch flag per destination and advance the send counter (and, in a
+// fused launch, the receive counter: every block of the grid has read it by then).
+template <class Cfg, bool kFused = false>
 __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restrict__ x, const void* __restrict__ topk_idx,
                                                     const int* __restrict__ num_tokens_ptr, int num_tokens_host, bool round_scale,
                                                     const RankArgs& rank, uint64_t seq) {
@@ -220,16 +221,21 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
     }
 
     flush_puts();
-    if (finish_block(blocks_done(state, kDispatchSendDone))) {
+    constexpr Scope kScope = peer_scope<Cfg>();
+    if (finish_block<kScope>(blocks_done(state, kDispatchSendDone))) {
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
-            if (!rank.masked(peer)) signal(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);
-        if (threadIdx.x == 0) state[kDispatchSendSeq] = seq + 1;
+            if (!rank.masked(peer)) signal<kScope>(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);
+        if (threadIdx.x == 0) {
+            state[kDispatchSendSeq] = seq + 1;
+            if constexpr (kFused) state[kDispatchRecvSeq] = seq + 1;
+        }
     }
 }
 
 // The receive half after its protocol check: wait for every source (bounded), then expand the
-// messages into the rows of the local experts; the last block advances the receive counter.
-template <class Cfg>
+// messages into the rows of the local experts; the last block advances the receive counter (a
+// fused launch's send phase already did).
+template <class Cfg, bool kFused = false>
 __device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, void* __restrict__ recv_scales, int* __restrict__ recv_count,
                                                     int* __restrict__ recv_src_info, int* __restrict__ recv_src_topk,
                                                     long long* __restrict__ recv_layout_range, int* __restrict__ cumulative_recv_stats,
@@ -244,7 +250,7 @@ __device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, v
     __shared__ RowSegments<L, R> segments;
 
     const int parity = static_cast<int>(seq & 1);
-    wait_all_sources<R>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
+    wait_all_sources<R, peer_scope<Cfg>()>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
     segments.build([&](int l, int s) { return source_ok[s] ? min(ld_cg(reinterpret_cast<const int*>(peers.local(Reg::dispatch_count(parity, l, s)))), T) : 0; });
 
     if (blockIdx.x == 0) {
@@ -271,7 +277,8 @@ __device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, v
         }
     }
 
-    if (finish_block(blocks_done(rank.state, kDispatchRecvDone)) && threadIdx.x == 0) rank.state[kDispatchRecvSeq] = seq + 1;
+    if constexpr (!kFused)
+        if (finish_block<peer_scope<Cfg>()>(blocks_done(rank.state, kDispatchRecvDone)) && threadIdx.x == 0) rank.state[kDispatchRecvSeq] = seq + 1;
 }
 
 template <class Cfg>
@@ -281,6 +288,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_send(const __nv_
                                                                       int num_tokens_host,
                                                                       bool round_scale,
                                                                       const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kDispatchSendSeq];
     if (seq - rank.state[kDispatchRecvSeq] >= 2) {  // a third dispatch before the first receive
         if (blockIdx.x == 0 && threadIdx.x == 0) report(rank.state, rank.status, kStatusTooManyInFlight, rank.id, static_cast<int>(seq));
@@ -299,6 +307,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch_recv(void* __res
                                                                       int* __restrict__ cumulative_recv_stats,    // [L] or null
                                                                       long long* __restrict__ wait_cost_stats,    // [R] or null
                                                                       const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kDispatchRecvSeq];
     if (seq >= rank.state[kDispatchSendSeq]) {  // nothing was sent for this receive
         if (blockIdx.x == 0) {
@@ -323,6 +332,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch(const __nv_bfloa
                                                                  long long* __restrict__ recv_layout_range,
                                                                  int* __restrict__ cumulative_recv_stats,
                                                                  long long* __restrict__ wait_cost_stats, const RankArgs rank) {
+    chain_after_previous_grid();
     const uint64_t seq = rank.state[kDispatchSendSeq];
     if (seq != rank.state[kDispatchRecvSeq]) {  // a receive hook is pending; a fused call pairs its own halves
         if (blockIdx.x == 0) {
@@ -331,8 +341,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch(const __nv_bfloa
         }
         return;
     }
-    dispatch_send_phase<Cfg>(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank, seq);
-    dispatch_recv_phase<Cfg>(recv_x, recv_scales, recv_count, recv_src_info, recv_src_topk, recv_layout_range, cumulative_recv_stats,
+    dispatch_send_phase<Cfg, true>(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank, seq);
+    dispatch_recv_phase<Cfg, true>(recv_x, recv_scales, recv_count, recv_src_info, recv_src_topk, recv_layout_range, cumulative_recv_stats,
                              wait_cost_stats, rank, seq);
 }
 

@@ -19,6 +19,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(128) exchange_allgather(const uint64_t* __restrict__ words,  // [kNumWords] this rank's words
                                                            uint64_t* __restrict__ gathered,    // [R][kNumWords] out
                                                            const RankArgs rank) {
+    chain_after_previous_grid();
     constexpr int kNumRanks = Cfg::kNumRanks, kNumWords = Cfg::kNumWords;
     const Peers peers = rank.peers();
     const uint64_t seq = rank.state[kExchangeSeq];
@@ -31,12 +32,12 @@ __global__ void __launch_bounds__(128) exchange_allgather(const uint64_t* __rest
         const uint64_t base = Cfg::kOffExchangeWords + parity_offset + static_cast<uint64_t>(rank.id) * kNumWords * 8;
         for (int w = 0; w < kNumWords; ++w)
             put_u64(peers, peer, base + 8ull * w, words[w]);
-        signal(peers, peer, Cfg::kOffExchangeFlags + parity_offset + 8ull * rank.id, epoch);
+        signal<peer_scope<Cfg>()>(peers, peer, Cfg::kOffExchangeFlags + parity_offset + 8ull * rank.id, epoch);
     }
 
     // Receive: wait for every source's flag, then read what it wrote.
     __shared__ int source_ok[kNumRanks];
-    wait_all_sources<kNumRanks>(peers.local(Cfg::kOffExchangeFlags + parity_offset), epoch, rank, source_ok, nullptr);
+    wait_all_sources<kNumRanks, peer_scope<Cfg>()>(peers.local(Cfg::kOffExchangeFlags + parity_offset), epoch, rank, source_ok, nullptr);
     for (int i = threadIdx.x; i < kNumRanks * kNumWords; i += blockDim.x) {
         const int src = i / kNumWords;
         const auto* slot = reinterpret_cast<const uint64_t*>(peers.local(Cfg::kOffExchangeWords + parity_offset));

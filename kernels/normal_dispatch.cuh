@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_send(cons
             put_u32(peers, dst, Reg::counts(parity, rank) + 4ull * j, static_cast<uint32_t>(value));
         }
         __syncthreads();
-        if (threadIdx.x == 0) fence_sys();
+        if (threadIdx.x == 0) fence_acq_rel();
         __syncthreads();
         for (int dst = threadIdx.x; dst < R; dst += blockDim.x) signal(peers, dst, Reg::flag(parity, rank), seq + 1);
     }

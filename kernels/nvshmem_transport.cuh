@@ -61,9 +61,11 @@ __device__ __forceinline__ void put_u64(const Peers& peers, int peer, uint64_t d
 }
 
 // Set a 64-bit flag at a peer after every earlier write of this thread to that peer (single thread).
+// kScope applies to the pointer path (puts complete before the signal whatever the scope).
+template <Scope kScope = Scope::kSystem>
 __device__ __forceinline__ void signal(const Peers& peers, int peer, uint64_t flag_offset, uint64_t value) {
     if (peers.by_pointer(peer)) {
-        st_release_sys(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
+        st_release<kScope>(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
     } else {
         nvshmem_fence();
         nvshmemx_signal_op(reinterpret_cast<uint64_t*>(peers.local(flag_offset)), value, NVSHMEM_SIGNAL_SET, peer);
@@ -77,7 +79,7 @@ __device__ __forceinline__ void put_signal_warp(const Peers& peers, int peer, ui
     if (peers.by_pointer(peer)) {
         put_warp(peers, peer, dst_offset, src, num_bytes);
         __syncwarp();  // the lanes' stores happen before lane 0's release (release is cumulative)
-        if (lane_id() == 0) st_release_sys(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
+        if (lane_id() == 0) st_release(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
     } else {
         nvshmemx_putmem_signal_nbi_warp(peers.local(dst_offset), src, num_bytes, reinterpret_cast<uint64_t*>(peers.local(flag_offset)),
                                         value, NVSHMEM_SIGNAL_SET, peer);

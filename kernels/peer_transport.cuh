@@ -38,12 +38,13 @@ __device__ __forceinline__ void put_u64(const Peers& peers, int peer, uint64_t d
 }
 
 // Release-store a 64-bit flag at a peer: everything this thread (and, through a preceding fence and
-// barrier, its block) wrote before is visible to whoever acquires the flag.
+// barrier, its block) wrote before is visible to whoever acquires the flag at kScope.
+template <Scope kScope = Scope::kSystem>
 __device__ __forceinline__ void signal(const Peers& peers, int peer, uint64_t flag_offset, uint64_t value) {
-    st_release_sys(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
+    st_release<kScope>(reinterpret_cast<uint64_t*>(peers.remote(peer, flag_offset)), value);
 }
 
-// Stores need no completion step: the system-scope fence before a block counts in orders them.
+// Stores need no completion step: the fence before a block counts in orders them.
 __device__ __forceinline__ void flush_puts() {}
 
 }  // namespace lowlat

@@ -23,4 +23,11 @@ struct RankArgs {
 };
 static_assert(sizeof(RankArgs) == 48, "lowlat/ops/context.py packs RankArgs as 48 bytes");
 
+// The scope of a Buffer's flags and fences (common.cuh): kGpu when every rank runs on this GPU
+// (Cfg::kPeersOnDevice: virtual ranks, or a group of one), kSystem otherwise.
+template <class Cfg>
+__host__ __device__ constexpr Scope peer_scope() {
+    return Cfg::kPeersOnDevice ? Scope::kGpu : Scope::kSystem;
+}
+
 }  // namespace lowlat

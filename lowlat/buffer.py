@@ -223,8 +223,14 @@ class Buffer:
         if rank_mask is None:
             rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         check.tensor("rank_mask", rank_mask, dtypes=check.INT32, shape=(self.num_ranks,), device=self.device)
+        flavour = "nvshmem" if self.transport.kind == "nvshmem" else "peer"
+        # GPU-scope flags when every rank is on this GPU; programmatic dependent launch (sm_90+) when
+        # this rank has its GPU to itself (see RankContext).
+        on_device = flavour == "peer" and (self.transport.colocated or self.num_ranks == 1)
+        pdl = self.device.type == "cuda" and not self.transport.colocated and torch.cuda.get_device_capability(self.device)[0] >= 9
         return RankContext(
-            config=KernelConfig(self.layout, transport="nvshmem" if self.transport.kind == "nvshmem" else "peer"),
+            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device),
+            pdl=pdl,
             rank=self.rank,
             peer_bases=self.transport.peer_bases,
             state=torch.zeros(StateWord.NUM_STATE_WORDS, dtype=torch.int64, device=self.device),

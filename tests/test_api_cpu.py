@@ -154,6 +154,13 @@ def test_hook_order_and_misuse():
         buffer.check_status()
 
 
+def test_virtual_ranks_use_gpu_scope_flags_and_no_pdl():
+    """Virtual ranks all run on one device: flags and fences at GPU scope; no programmatic dependent
+    launch, since their kernels must be co-resident (and the CPU has none)."""
+    for buffer in cpu_group(2):
+        assert buffer._ctx.config.peers_on_device is True and buffer._ctx.pdl is False
+
+
 def test_timeout_names_the_late_rank_masks_it_and_recovers():
     buffers = lowlat.Buffer.local_group(2, device="cpu", timeout_s=0.2, **SHAPE)
     inputs = make_inputs(2, 6, 256, 8, 3, seed=6)

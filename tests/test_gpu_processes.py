@@ -183,6 +183,10 @@ def _worker(rank, world, init_file, transport, nvlink, device_count):
     assert buffer.transport.kind == transport
     # The kernels are built for the transport: NVSHMEM's flavour of kernels/transport.cuh, or plain stores.
     assert buffer._ctx.config.transport == ("nvshmem" if transport == "nvshmem" else "peer")
+    # Ranks on several GPUs (here: processes, each a GPU of its own as far as the kernels know) use
+    # system-scope flags, and launch with programmatic dependent launch on sm_90+.
+    assert buffer._ctx.config.peers_on_device is False
+    assert buffer._ctx.pdl == (torch.cuda.get_device_capability()[0] >= 9)
     if transport == "nvshmem":
         want = [True] * world if nvlink else [r == rank for r in range(world)]
         assert buffer.transport.by_pointer == want, f"rank {rank}: peer_bases {buffer.transport.peer_bases.tolist()}"

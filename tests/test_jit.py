@@ -171,13 +171,40 @@ def test_launch_plan_packs_every_argument_and_patches_the_variable_ones(cache):
         plan.launch_on(0, x)
 
 
+def test_launch_plan_with_pdl_keeps_a_launch_config_and_can_drop_it(cache):
+    """Programmatic dependent launch goes through cuLaunchKernelEx with a config built once per plan
+    (grid, block, shared memory, the PDL attribute); a call sets only the stream (and a grid)."""
+    from cuda.bindings import driver
+
+    kernel = Kernel(Compiler(ARCH).compile(_send_spec()))
+    plan = LaunchPlan(kernel, None, 0, 132, 512, 0, kernel.convert_args((None, None, None, 0, False, RANK)), variable=[0], pdl=True)
+    config = plan._config
+    assert plan.pdl and (config.gridDimX, config.blockDimX, config.sharedMemBytes, config.numAttrs) == (132, 512, 0, 1)
+    attribute = config.attrs[0]
+    assert attribute.id == driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert attribute.value.programmaticStreamSerializationAllowed == 1
+    plan.use_pdl(False)
+    assert not plan.pdl and plan._config is None
+
+
+def test_kernel_config_scopes():
+    """GPU-scope flags exist only in the pointer flavour; the constant reaches every kernel's Cfg."""
+    layout = RegionLayout.of(BufferShape(2, 4, 2, 128, 3))
+    assert dict(KernelConfig(layout, peers_on_device=True).spec("exchange.cuh", "lowlat::exchange_allgather", ()).constants)[
+        "kPeersOnDevice"] is True
+    with pytest.raises(ValueError, match="peers_on_device=True needs the peer transport flavour, got transport='nvshmem'"):
+        KernelConfig(RegionLayout.of(BufferShape(2, 4, 2, 128, 3), put_staging=True), transport="nvshmem", peers_on_device=True)
+
+
 def test_every_shipped_kernel_family_is_in_the_registry():
     specs = shipped_specs(SHIPPED_SHAPES[:1], normal_shapes=())
     kernels = {s.kernel for s in specs}
     assert kernels == {"lowlat::exchange_allgather", "lowlat::dispatch_send", "lowlat::dispatch_recv", "lowlat::dispatch",
                        "lowlat::combine_send", "lowlat::combine_recv", "lowlat::combine"}
-    # exchange 1; dispatch: 4 sends, 3 receives, 6 fused; combine: 2 sends, 4 receives, 4 fused
-    assert len(specs) == len(set(specs)) == 24
+    # exchange 1; dispatch: 4 sends, 3 receives, 6 fused; combine: 2 sends, 4 receives, 4 fused; each with
+    # system-scope flags (ranks on several GPUs) and GPU-scope flags (the same ranks as virtual ranks)
+    assert len(specs) == len(set(specs)) == 2 * 24
+    assert sorted(dict(s.constants)["kPeersOnDevice"] for s in specs) == [False] * 24 + [True] * 24
 
 
 def test_generated_source_declares_cfg_and_the_abi_check():

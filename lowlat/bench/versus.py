@@ -7,9 +7,12 @@ default (hidden 7168, 288 experts, top-8, FP8 dispatch, bf16 combine).  For each
 * graph: median per call over CUDA-graph replays of ``calls_per_graph`` calls (dispatch alone,
   combine alone, fused mode), the kernel time;
 * eager step: wall time of one dispatch + combine issued eagerly (fused mode), synchronised every
-  ``steps`` steps, what an engine without graphs sees;
+  30 steps, what an engine without graphs sees;
 * host: CPU time of one eager call (the Python + launch path), per mode, measured with the GPU idle
   enough that the launch queue never blocks.
+
+Eager and host figures alternate between the libraries burst by burst (15 bursts each), so that both
+see the same host conditions; the median is reported.
 
 DeepEP is a benchmark peer only: it is imported if installed (``bench/gpu_check.sh`` builds it on the
 GPU machine from the archive in ``../shared/peers``) and nothing of it is part of lowlat.
@@ -21,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
@@ -68,61 +72,59 @@ class Session:
         self.buffer.low_latency_combine(self.y, self.topk_idx, self.topk_weights, handle)
 
 
-def _median_us(call, *, calls: int, repeats: int, wait_for_gpu: bool) -> float:
-    """Median microseconds per call over ``repeats`` bursts of ``calls`` calls, each burst starting on
-    a drained GPU; ``wait_for_gpu``: the burst ends when the GPU is done (wall time), else when the
-    host has issued it (host time)."""
-    samples = []
+def _interleaved_median_us(calls: dict[str, Callable[[], object]], *, count: int, repeats: int, wait_for_gpu: bool) -> dict[str, float]:
+    """Median microseconds per call of each of ``calls`` (by library), over ``repeats`` bursts of ``count``
+    calls that alternate between the libraries, each burst starting on a drained GPU.
+
+    ``wait_for_gpu``: a burst ends when the GPU is done (wall time), else when the host has issued it
+    (host time).  Host speed on the shared machines drifts between runs and within one (bursts 1.5x
+    apart); alternating the libraries burst by burst gives both the same conditions."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        if wait_for_gpu:
+        for name, call in calls.items():
             torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
+            start = time.perf_counter()
+            for _ in range(count):
+                call()
+            if wait_for_gpu:
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / count * 1e6)
     torch.cuda.synchronize()
-    return statistics.median(samples)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def host_us(call, *, calls: int = 40, repeats: int = 7) -> float:
-    """Median CPU microseconds per call (the GPU drained between bursts, so the launch queue never fills)."""
-    return _median_us(call, calls=calls, repeats=repeats, wait_for_gpu=False)
+def _hooked(session: Session, kind: str):
+    def call():
+        result = session.dispatch(return_recv_hook=True) if kind == "dispatch" else session.combine(return_recv_hook=True)
+        result[-1]()
+    return call
 
 
-def eager_step_us(step, *, steps: int = 30, repeats: int = 7) -> float:
-    """Median wall microseconds per eager dispatch + combine, ``steps`` steps then a synchronise."""
-    return _median_us(step, calls=steps, repeats=repeats, wait_for_gpu=True)
+def _async(session: Session, kind: str):
+    def call():
+        result = session.dispatch(async_finish=True) if kind == "dispatch" else session.combine(async_finish=True)
+        result[-2].current_stream_wait()
+    return call
 
 
-def measure(session: Session, *, rounds: int, calls_per_graph: int) -> dict:
-    def hooked(kind):
-        def call():
-            result = session.dispatch(return_recv_hook=True) if kind == "dispatch" else session.combine(return_recv_hook=True)
-            result[-1]()
-        return call
-
-    def async_call(kind):
-        def call():
-            result = session.dispatch(async_finish=True) if kind == "dispatch" else session.combine(async_finish=True)
-            result[-2].current_stream_wait()
-        return call
-
-    return {
-        "graph_us": {
-            "dispatch": time_replays(session.dispatch, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
-            "combine": time_replays(session.combine, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
-        },
-        "eager_step_us": eager_step_us(session.step),
-        "host_us": {
-            "dispatch": host_us(session.dispatch),
-            "combine": host_us(session.combine),
-            "dispatch_hook": host_us(hooked("dispatch")),
-            "combine_hook": host_us(hooked("combine")),
-            "dispatch_async": host_us(async_call("dispatch")),
-            "combine_async": host_us(async_call("combine")),
-        },
-    }
+def measure(sessions: dict[str, Session], *, rounds: int, calls_per_graph: int, repeats: int = 15) -> dict[str, dict]:
+    """Every figure of one token count for each library's session: graph replays one library after
+    the other (GPU time, stable), host and eager-step times interleaved between the libraries."""
+    results = {name: {"graph_us": {
+        "dispatch": time_replays(s.dispatch, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
+        "combine": time_replays(s.combine, rounds=rounds, calls_per_graph=calls_per_graph).median_us,
+    }, "host_us": {}} for name, s in sessions.items()}
+    steps = _interleaved_median_us({name: s.step for name, s in sessions.items()}, count=30, repeats=repeats, wait_for_gpu=True)
+    for name, value in steps.items():
+        results[name]["eager_step_us"] = value
+    modes = {"dispatch": lambda s: s.dispatch, "combine": lambda s: s.combine,
+             "dispatch_hook": lambda s: _hooked(s, "dispatch"), "combine_hook": lambda s: _hooked(s, "combine"),
+             "dispatch_async": lambda s: _async(s, "dispatch"), "combine_async": lambda s: _async(s, "combine")}
+    for mode, make in modes.items():
+        host = _interleaved_median_us({name: make(s) for name, s in sessions.items()}, count=40, repeats=repeats, wait_for_gpu=False)
+        for name, value in host.items():
+            results[name]["host_us"][mode] = value
+    return results
 
 
 def run(args, env, out) -> int:
@@ -151,12 +153,10 @@ def run(args, env, out) -> int:
     }
     points = []
     for i, tokens in enumerate(args.token_list):
-        point = {"num_tokens": tokens}
-        for library in LIBRARIES:
-            session = Session(library, buffers[library], tokens=tokens, max_tokens=max_tokens, hidden=hidden, experts=experts,
-                              topk=topk, seed=i)
-            point[library] = measure(session, rounds=args.rounds, calls_per_graph=args.calls_per_graph)
-            del session
+        sessions = {library: Session(library, buffers[library], tokens=tokens, max_tokens=max_tokens, hidden=hidden,
+                                     experts=experts, topk=topk, seed=i) for library in LIBRARIES}
+        point = {"num_tokens": tokens, **measure(sessions, rounds=args.rounds, calls_per_graph=args.calls_per_graph)}
+        del sessions
         d, l = point["deepep"], point["lowlat"]
         point["speedup"] = {  # DeepEP time / lowlat time: > 1 means lowlat is faster
             "graph_dispatch": d["graph_us"]["dispatch"] / l["graph_us"]["dispatch"],

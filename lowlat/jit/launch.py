@@ -136,6 +136,18 @@ class Kernel:
             self._initialised.add(device_index)
         return kernel
 
+    def function(self, device_index: int):
+        """The ``CUfunction`` of this kernel in the device's primary context (loading it if needed).
+        Plans launch it rather than the context-independent ``CUkernel``, which the driver would
+        resolve to this function at every launch."""
+        from cuda.bindings import driver
+
+        kernel = self.load(device_index)
+        err, function = driver.cuKernelGetFunction(kernel.handle)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"{self.name}: cannot load on device {device_index} ({err})")
+        return function
+
     def _ensure_smem(self, kernel, device_index: int, shmem: int) -> None:
         if shmem <= _STATIC_SMEM_LIMIT or self._smem_set.get(device_index, 0) >= shmem:
             return
@@ -151,10 +163,7 @@ class Kernel:
         """How many blocks of ``block`` threads fit on the device at once (occupancy x SMs)."""
         from cuda.bindings import driver
 
-        kernel = self.load(device_index)
-        err, function = driver.cuKernelGetFunction(kernel.handle)
-        if not err:
-            err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, shmem)
+        err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function(device_index), block, shmem)
         if not err:
             attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
             err, sms = driver.cuDeviceGetAttribute(attr, device_index)
@@ -170,16 +179,17 @@ class Kernel:
         return tuple(_convert(param, value) for param, value in zip(self.signature, args))
 
     def plan(self, device_index: int, grid: int | tuple, block: int | tuple, args: Sequence[Any], *, shmem: int = 0,
-             variable: Sequence[str] = ()) -> "LaunchPlan":
+             variable: Sequence[str] = (), pdl: bool = False) -> "LaunchPlan":
         """A launch of this kernel with ``args`` packed now; the parameters named in ``variable`` are
-        the ones :meth:`LaunchPlan.launch` takes per call, in that order."""
+        the ones :meth:`LaunchPlan.launch` takes per call, in that order.  ``pdl``: launch with
+        programmatic dependent launch (see :class:`LaunchPlan`)."""
         kernel = self.load(device_index)
         self._ensure_smem(kernel, device_index, shmem)
         unknown = [name for name in variable if name not in self._index]
         if unknown:
             raise ArgumentError(f"{self.name} has no parameter {unknown[0]!r}")
-        return LaunchPlan(self, kernel.handle, device_index, grid, block, shmem, self.convert_args(args),
-                          [self._index[name] for name in variable])
+        return LaunchPlan(self, self.function(device_index), device_index, grid, block, shmem, self.convert_args(args),
+                          [self._index[name] for name in variable], pdl=pdl)
 
     def launch(self, grid: int | tuple, block: int | tuple, args: Sequence[Any], *, shmem: int = 0, device_index: int | None = None) -> None:
         """One-off launch on the current stream of ``device_index`` (default: the current device)."""
@@ -204,10 +214,15 @@ class LaunchPlan:
     little-endian).  When the per-call arguments are the leading parameters, as in every lowlat
     kernel, that is one slice assignment.  The driver copies the arguments at launch time, so the slots may change right
     after.  Not thread-safe: one plan per caller.
+
+    With ``pdl`` the launch goes through ``cuLaunchKernelEx`` with programmatic stream serialisation:
+    the kernel may be scheduled while the previous kernel on the stream finishes, so it must wait
+    (``griddepcontrol.wait``, kernels/common.cuh ``wait_previous_grid``) before reading anything that
+    kernel wrote.  A stream capture records the edge as a programmatic one.
     """
 
     def __init__(self, kernel: Kernel, function, device_index: int, grid, block, shmem: int, converted: tuple,
-                 variable: Sequence[int]):
+                 variable: Sequence[int], *, pdl: bool = False):
         from cuda.bindings import driver
 
         self.kernel = kernel
@@ -231,6 +246,26 @@ class LaunchPlan:
         self._leading = self._variable == tuple(range(len(self._variable)))  # words [0, n): one slice assignment
         self._num_variable = len(self._variable)
         self._launch_kernel = driver.cuLaunchKernel
+        self._launch_ex = driver.cuLaunchKernelEx
+        self._config = None
+        self.use_pdl(pdl)
+
+    def use_pdl(self, enabled: bool) -> None:
+        """Launch with programmatic dependent launch (True) or with a plain ``cuLaunchKernel``."""
+        from cuda.bindings import driver
+
+        self.pdl = bool(enabled)
+        if not self.pdl:
+            self._config = None
+            return
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        (config.gridDimX, config.gridDimY, config.gridDimZ), (config.blockDimX, config.blockDimY, config.blockDimZ) = self._grid, self._block
+        config.sharedMemBytes = self._shmem
+        config.attrs, config.numAttrs = [attr], 1
+        self._config = config
 
     def launch(self, *values) -> None:
         """Launch on PyTorch's current stream of the plan's device with the per-call ``values``."""
@@ -251,8 +286,14 @@ class LaunchPlan:
             words = self._words
             for offset, value in zip(self._variable, values):
                 words[offset] = value
-        (gx, gy, gz), (bx, by, bz) = self._grid if grid is None else (grid, 1, 1), self._block
-        (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
+        config = self._config
+        if config is not None:
+            config.hStream = stream
+            config.gridDimX = self._grid[0] if grid is None else grid
+            (err,) = self._launch_ex(config, self._function, self._params, 0)
+        else:
+            (gx, gy, gz), (bx, by, bz) = self._grid if grid is None else (grid, 1, 1), self._block
+            (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
         if err:
             raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err!r})")
 

@@ -37,7 +37,10 @@ def normal_specs(shapes=NORMAL_SHAPES) -> list[KernelSpec]:
 
 
 def shipped_specs(shapes=SHIPPED_SHAPES, normal_shapes=NORMAL_SHAPES) -> list[KernelSpec]:
-    return [spec for shape in shapes for spec in low_latency_specs(shape)] + normal_specs(normal_shapes)
+    """The pointer flavour at every shipped shape (across GPUs, or on one when the shape has one
+    rank), the standard shape also as virtual ranks on one GPU, and the normal kernels."""
+    virtual = [spec for shape in shapes[:1] if shape.num_ranks > 1 for spec in low_latency_specs(shape, peers_on_device=True)]
+    return [spec for shape in shapes for spec in low_latency_specs(shape)] + virtual + normal_specs(normal_shapes)
 
 
 # The NVSHMEM transport's smoke test (kernels/nvshmem_ring.cuh): (ranks, message bytes, warps).
@@ -48,12 +51,16 @@ SHIPPED_RING_SHAPES = ((2, 64 * 1024, 4), (8, 4096, 8))
 SHIPPED_NVSHMEM_SHAPES = (SHIPPED_SHAPES[0], SHIPPED_SHAPES[3])
 
 
-def low_latency_specs(shape: BufferShape, transport: str = "peer") -> list[KernelSpec]:
-    """Every kernel a low-latency Buffer of ``shape`` loads, for a transport flavour."""
+def low_latency_specs(shape: BufferShape, transport: str = "peer", *, peers_on_device: bool | None = None) -> list[KernelSpec]:
+    """Every kernel a low-latency Buffer of ``shape`` loads, for a transport flavour; GPU-scope flags
+    (``peers_on_device``) default to what a Buffer picks for a group of that size across GPUs."""
     from ..ops import low_latency_specs as specs_of
     from ..ops.context import KernelConfig
 
-    return specs_of(KernelConfig(RegionLayout.of(shape, put_staging=transport == "nvshmem"), transport=transport))
+    if peers_on_device is None:
+        peers_on_device = transport == "peer" and shape.num_ranks == 1
+    layout = RegionLayout.of(shape, put_staging=transport == "nvshmem")
+    return specs_of(KernelConfig(layout, transport=transport, peers_on_device=peers_on_device))
 
 
 def shipped_nvshmem_specs(shapes=SHIPPED_RING_SHAPES, low_latency_shapes=SHIPPED_NVSHMEM_SHAPES) -> list[KernelSpec]:

@@ -20,15 +20,22 @@ assert _RANK_ARGS.size == RANK_ARGS_BYTES
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Everything a kernel is specialised on: the region layout (all shapes), the block size, and the
-    flavour of ``kernels/transport.cuh`` (``"peer"``, or ``"nvshmem"`` with a put-staging layout)."""
+    """Everything a kernel is specialised on: the region layout (all shapes), the block size, the
+    flavour of ``kernels/transport.cuh`` (``"peer"``, or ``"nvshmem"`` with a put-staging layout), and
+    whether every rank runs on this GPU (``peers_on_device``: virtual ranks or a group of one), which
+    lets flags and fences use GPU scope instead of system scope (``kernels/rank.cuh`` peer_scope)."""
 
     layout: RegionLayout
     num_warps: int = 16
     transport: str = "peer"
+    peers_on_device: bool = False
+
+    def __post_init__(self):
+        if self.peers_on_device and self.transport != "peer":
+            raise ValueError(f"peers_on_device=True needs the peer transport flavour, got transport={self.transport!r}")
 
     def spec(self, header: str, kernel: str, signature, **flags) -> KernelSpec:
-        constants = dict(self.layout.constants(), kNumWarps=self.num_warps, **flags)
+        constants = dict(self.layout.constants(), kNumWarps=self.num_warps, kPeersOnDevice=self.peers_on_device, **flags)
         return KernelSpec.make(header, kernel, signature, constants, transport=self.transport)
 
 
@@ -65,10 +72,13 @@ class RankArgsContext:
 
 @dataclasses.dataclass(frozen=True)
 class RankContext(RankArgsContext):
-    """One rank of one low-latency Buffer: its RankArgs (``state`` int64 [16], see layout.StateWord)
-    and ``config``, everything its kernels are specialised on."""
+    """One rank of one low-latency Buffer: its RankArgs (``state`` int64 [16], see layout.StateWord),
+    ``config``, everything its kernels are specialised on, and ``pdl``: whether its kernels launch
+    with programmatic dependent launch (a rank alone on its GPU; virtual ranks share the SMs, and a
+    next kernel's early blocks could hold the room another rank's kernel needs to be resident)."""
 
     config: KernelConfig = dataclasses.field(kw_only=True)
+    pdl: bool = dataclasses.field(default=False, kw_only=True)
 
     @property
     def layout(self) -> RegionLayout:
@@ -79,7 +89,7 @@ class RankContext(RankArgsContext):
         passed per launch, in signature order.  ``resident``: the grid is capped so that every block
         fits on the device at once (kernels whose blocks wait for each other)."""
         return plan_with_rank(get_kernel(spec), self.device_index, grid or self.num_blocks, block or self.config.num_warps * 32,
-                              self.packed, resident=resident)
+                              self.packed, resident=resident, pdl=self.pdl)
 
 
 def pack_rank_args(peer_bases: torch.Tensor, state: torch.Tensor, mask: torch.Tensor, status: torch.Tensor, timeout_ns: int,
@@ -88,16 +98,19 @@ def pack_rank_args(peer_bases: torch.Tensor, state: torch.Tensor, mask: torch.Te
     return _RANK_ARGS.pack(peer_bases.data_ptr(), state.data_ptr(), mask.data_ptr(), status.data_ptr(), timeout_ns, rank, 0)
 
 
-def plan_with_rank(kernel, device_index: int, grid: int, block: int, packed: bytes, *, resident: bool = False) -> LaunchPlan:
+def plan_with_rank(kernel, device_index: int, grid: int, block: int, packed: bytes, *, resident: bool = False,
+                   pdl: bool = False) -> LaunchPlan:
     """A plan of ``kernel`` whose every parameter is per-call except a trailing RankArgs (``packed``);
-    ``resident`` caps the grid at what fits on the device at once."""
+    ``resident`` caps the grid at what fits on the device at once; ``pdl``: programmatic dependent
+    launch (the kernel must start with ``chain_after_previous_grid``)."""
     signature = kernel.signature
     has_rank = bool(signature) and signature[-1].kind is ArgKind.RANK
     per_call = signature[:-1] if has_rank else signature
     if resident:
         grid = max(1, min(grid, kernel.resident_blocks(device_index, block)))
     placeholders = tuple(_PLACEHOLDERS.get(p.kind, 0) for p in per_call)  # overwritten by every launch
-    return kernel.plan(device_index, grid, block, placeholders + ((packed,) if has_rank else ()), variable=[p.name for p in per_call])
+    return kernel.plan(device_index, grid, block, placeholders + ((packed,) if has_rank else ()), variable=[p.name for p in per_call],
+                       pdl=pdl)
 
 
 _PLACEHOLDERS = {ArgKind.PTR: None, ArgKind.BOOL: False, ArgKind.F32: 0.0}
