@@ -39,6 +39,7 @@ from .transport.local import LocalWorld, resolve_device
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
 _KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is waited for
+_PRUNE_FROM = 8  # async calls held before finished ones are looked for (an event query costs a driver call)
 _NO_EVENT = EventOverlap()  # what synchronous and hook-mode calls return (nothing to wait for)
 _DISPATCH_FLAGS = ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook")
 _COMBINE_FLAGS = ("use_logfmt", "zero_copy", "async_finish", "return_recv_hook")
@@ -476,14 +477,15 @@ class Buffer:
     def _hold_until_done(self, event, tensors: tuple) -> None:
         """Keep the tensors of an async call alive until its event completes, even if the caller drops
         the event and its inputs (the caching allocator would otherwise reuse their memory)."""
+        if capturing():
+            return
         in_flight = self._in_flight
-        capture = capturing()
-        while in_flight and not capture and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
-            if len(in_flight) >= _KEEP_ALIVE_LIMIT:
-                in_flight[0][0].synchronize()
-            in_flight.popleft()
-        if not capture:
-            in_flight.append((event, tensors))
+        if len(in_flight) >= _PRUNE_FROM:  # finished calls are released in batches, not looked for on every call
+            while in_flight and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
+                if len(in_flight) >= _KEEP_ALIVE_LIMIT:
+                    in_flight[0][0].synchronize()
+                in_flight.popleft()
+        in_flight.append((event, tensors))
 
     def _run_hook(self, hook: RecvHook) -> None:
         pending = self._pending[hook.kind]
