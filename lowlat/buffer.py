@@ -39,7 +39,6 @@ from .transport.local import LocalWorld, resolve_device
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
 _KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is waited for
-_PRUNE_FROM = 8  # async calls held before finished ones are looked for (an event query costs a driver call)
 _NO_EVENT = EventOverlap()  # what synchronous and hook-mode calls return (nothing to wait for)
 _DISPATCH_FLAGS = ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook")
 _COMBINE_FLAGS = ("use_logfmt", "zero_copy", "async_finish", "return_recv_hook")
@@ -336,6 +335,8 @@ class Buffer:
         self._dispatches += 1
         if not self.fresh_outputs:
             outputs = self._static[self._dispatches & 1]
+            if outputs.pending_event is not None and not capturing():
+                outputs.claim(self.device)  # an async combine may still read this set's layout
         elif capturing():
             outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
@@ -406,10 +407,14 @@ class Buffer:
                 "combine", lambda: engine.combine_send(source, layout, use_logfmt),
                 lambda: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats), None)
         else:
+            # Async: the caller's tensors are held until the kernel is done; the Buffer's own (a pooled
+            # out, the handle's layout and zero-copy buffer) are not, since holding them would grow the
+            # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
+            theirs = (x, topk_idx, topk_weights, wait_stats) + (() if zero_copy else (source,)) + (() if reusable else (out,))
             event, hook = self._issue(
                 lambda stream: engine.combine(source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device,
                                               wait_stats, stream),
-                async_finish, (x, source, topk_idx, topk_weights, out, wait_stats, handle), reusable)
+                async_finish, theirs, reusable + (handle.outputs,))
         return out, event, hook
 
     def _check_handle(self, handle) -> None:
@@ -477,15 +482,14 @@ class Buffer:
     def _hold_until_done(self, event, tensors: tuple) -> None:
         """Keep the tensors of an async call alive until its event completes, even if the caller drops
         the event and its inputs (the caching allocator would otherwise reuse their memory)."""
-        if capturing():
-            return
         in_flight = self._in_flight
-        if len(in_flight) >= _PRUNE_FROM:  # finished calls are released in batches, not looked for on every call
-            while in_flight and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
-                if len(in_flight) >= _KEEP_ALIVE_LIMIT:
-                    in_flight[0][0].synchronize()
-                in_flight.popleft()
-        in_flight.append((event, tensors))
+        capture = capturing()
+        while in_flight and not capture and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
+            if len(in_flight) >= _KEEP_ALIVE_LIMIT:
+                in_flight[0][0].synchronize()
+            in_flight.popleft()
+        if not capture:
+            in_flight.append((event, tensors))
 
     def _run_hook(self, hook: RecvHook) -> None:
         pending = self._pending[hook.kind]

@@ -75,6 +75,28 @@ def test_async_finish_with_out_stats_and_device_num_tokens_kept_alive():
     b.synchronize()
 
 
+def test_async_calls_hold_the_callers_tensors_not_the_pools():
+    """Async calls keep the caller's tensors alive, not the Buffer's pooled outputs: rounds whose
+    results are dropped leave the pools at their size (no search through held entries), and every
+    round's results stay exact although each reuses the outputs of a call that may still be running."""
+    b = lowlat.Buffer.local_group(1, fresh_outputs=True, **SHAPE)[0]
+    inputs = make_inputs(1, 16, 512, 16, 4, seed=7, device="cuda")
+    refs = reference_for(inputs, 16, 16, use_fp8=True)
+    sizes = (len(b._output_pool.items), len(b._combine_pool.items))
+    for round_ in range(12):
+        torch.cuda._sleep(1_000_000)  # keep the current stream busy: the async work queues behind it
+        recv_x, count, handle, event, _ = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, async_finish=True)
+        event.current_stream_wait()
+        check_dispatch([(recv_x, count, handle)], refs, use_fp8=True)
+        ys = expert_outputs([(recv_x, count, handle)], refs, use_fp8=True, poison=False)
+        combined, event, _ = b.low_latency_combine(ys[0], inputs[0].topk_idx, inputs[0].topk_weights, handle, async_finish=True)
+        event.current_stream_wait()
+        check_combine([(combined,)], reference_combined(inputs, ys, refs, use_logfmt=False))
+        del recv_x, count, handle, combined, ys, event
+    assert (len(b._output_pool.items), len(b._combine_pool.items)) == sizes
+    b.synchronize()
+
+
 @pytest.mark.parametrize("use_fp8", [True, False])
 def test_cpu_emulation_matches_the_kernels_byte_for_byte(use_fp8):
     """engines/emulated.py is a second implementation of the protocol: same inputs, same region
