@@ -21,6 +21,7 @@
 #include "region.cuh"
 #include "signal.cuh"
 #include "state.cuh"
+#include "trace.cuh"
 #include "transport.cuh"
 
 namespace lowlat {
@@ -208,6 +209,7 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
         __syncthreads();
     }
     const Topk topk_table{topk_idx, topk_shared};
+    trace_mark<Cfg>(1);
 
     // Items [0, E) route one expert each; then one item per (token, slice of channels).
     constexpr int kSlices = Cfg::kHidden / dispatch_detail::slice_channels<Cfg>();
@@ -220,9 +222,11 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
         }
     }
 
+    trace_mark<Cfg>(2);
     flush_puts();
     constexpr Scope kScope = peer_scope<Cfg>();
     if (finish_block<kScope>(blocks_done(state, kDispatchSendDone))) {
+        trace_raised_flags<Cfg>();
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
             if (!rank.masked(peer)) signal<kScope>(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);
         if (threadIdx.x == 0) {
@@ -230,6 +234,7 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
             if constexpr (kFused) state[kDispatchRecvSeq] = seq + 1;
         }
     }
+    trace_mark<Cfg>(3);
 }
 
 // The receive half after its protocol check: wait for every source (bounded), then expand the
@@ -251,7 +256,9 @@ __device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, v
 
     const int parity = static_cast<int>(seq & 1);
     wait_all_sources<R, peer_scope<Cfg>()>(peers.local(Reg::dispatch_flag(parity, 0)), seq + 1, rank, source_ok, wait_cost_stats);
+    trace_mark<Cfg>(4);
     segments.build([&](int l, int s) { return source_ok[s] ? min(ld_cg(reinterpret_cast<const int*>(peers.local(Reg::dispatch_count(parity, l, s)))), T) : 0; });
+    trace_mark<Cfg>(5);
 
     if (blockIdx.x == 0) {
         for (int l = threadIdx.x; l < L; l += blockDim.x) {
@@ -277,6 +284,7 @@ __device__ __forceinline__ void dispatch_recv_phase(void* __restrict__ recv_x, v
         }
     }
 
+    trace_mark<Cfg>(6);
     if constexpr (!kFused)
         if (finish_block<peer_scope<Cfg>()>(blocks_done(rank.state, kDispatchRecvDone)) && threadIdx.x == 0) rank.state[kDispatchRecvSeq] = seq + 1;
 }
@@ -333,6 +341,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch(const __nv_bfloa
                                                                  int* __restrict__ cumulative_recv_stats,
                                                                  long long* __restrict__ wait_cost_stats, const RankArgs rank) {
     chain_after_previous_grid();
+    trace_mark<Cfg>(0);
     const uint64_t seq = rank.state[kDispatchSendSeq];
     if (seq != rank.state[kDispatchRecvSeq]) {  // a receive hook is pending; a fused call pairs its own halves
         if (blockIdx.x == 0) {
@@ -344,6 +353,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) dispatch(const __nv_bfloa
     dispatch_send_phase<Cfg, true>(x, topk_idx, num_tokens_ptr, num_tokens_host, round_scale, rank, seq);
     dispatch_recv_phase<Cfg, true>(recv_x, recv_scales, recv_count, recv_src_info, recv_src_topk, recv_layout_range, cumulative_recv_stats,
                              wait_cost_stats, rank, seq);
+    // Points: 1 top-k staged, 2 sent, 3 counted in, 4 every flag seen, 5 row map built, 6 rows stored.
+    trace_print<Cfg, 7>("dispatch");
 }
 
 }  // namespace lowlat

@@ -224,12 +224,14 @@ class Buffer:
             rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         check.tensor("rank_mask", rank_mask, dtypes=check.INT32, shape=(self.num_ranks,), device=self.device)
         flavour = "nvshmem" if self.transport.kind == "nvshmem" else "peer"
-        # GPU-scope flags when every rank is on this GPU; programmatic dependent launch (sm_90+) when
-        # this rank has its GPU to itself (see RankContext).
+        # GPU-scope flags when every rank is on this GPU; programmatic dependent launch (sm_90+) unless
+        # this rank is one of several virtual ranks of this process (see RankContext).
         on_device = flavour == "peer" and (self.transport.colocated or self.num_ranks == 1)
-        pdl = self.device.type == "cuda" and not self.transport.colocated and torch.cuda.get_device_capability(self.device)[0] >= 9
+        alone = not self.transport.colocated or self.num_ranks == 1
+        pdl = self.device.type == "cuda" and alone and torch.cuda.get_device_capability(self.device)[0] >= 9
+        trace = os.environ.get("LOWLAT_TRACE") == "1"  # kernels/trace.cuh: per-phase cycles printed by the fused kernels
         return RankContext(
-            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device),
+            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device, trace=trace),
             pdl=pdl,
             rank=self.rank,
             peer_bases=self.transport.peer_bases,
@@ -336,11 +338,11 @@ class Buffer:
         if not self.fresh_outputs:
             outputs = self._static[self._dispatches & 1]
             if outputs.pending_event is not None and not capturing():
-                outputs.claim(self.device)  # an async combine may still read this set's layout
+                outputs.claim()  # an async dispatch may still write this set, or an async combine read its layout
         elif capturing():
             outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
-            outputs = self._output_pool.acquire(self.device)
+            outputs = self._output_pool.acquire()
         outputs.generation = self._dispatches
         return outputs
 
@@ -399,7 +401,7 @@ class Buffer:
             if capturing():
                 out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
             else:
-                entry = self._combine_pool.acquire(self.device)
+                entry = self._combine_pool.acquire()
                 out, reusable = entry.rows(n), (entry,)
         engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
         if return_recv_hook:
@@ -410,7 +412,8 @@ class Buffer:
             # Async: the caller's tensors are held until the kernel is done; the Buffer's own (a pooled
             # out, the handle's layout and zero-copy buffer) are not, since holding them would grow the
             # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
-            theirs = (x, topk_idx, topk_weights, wait_stats) + (() if zero_copy else (source,)) + (() if reusable else (out,))
+            theirs = ((x, topk_idx, topk_weights, wait_stats, handle.num_tokens_device) + (() if zero_copy else (source,))
+                      + (() if reusable else (out,)))
             event, hook = self._issue(
                 lambda stream: engine.combine(source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device,
                                               wait_stats, stream),
@@ -463,8 +466,10 @@ class Buffer:
 
     def _issue(self, both, async_finish: bool, keep: tuple, reusable: tuple):
         """Both halves at once, ``both(stream)``: on the current stream, or on the comm stream
-        (async_finish).  ``keep``: every tensor the kernels touch, held until they are done in async
-        mode; ``reusable``: pooled outputs whose next user must wait for this work."""
+        (async_finish).  In async mode ``keep`` (the caller's tensors the kernels touch) is held until
+        they are done, and ``reusable`` (the Buffer's own output sets) gets the call's event, which
+        their next user waits for (outputs.py ``claim``).  Inside a capture the graph orders replays,
+        and a captured event must not be queried later, so none is attached there."""
         if async_finish and self._device_index is not None:
             comm = self._comm_handle
             self._fork.record(current_stream_handle(self._device_index))
@@ -473,8 +478,9 @@ class Buffer:
             event = self._events.next()
             event.record(comm)
             self._hold_until_done(event, keep)
-            for item in reusable:
-                item.pending_event = event
+            if not capturing():
+                for item in reusable:
+                    item.pending_event = event
             return EventOverlap(event, keep), None
         both(None)
         return _NO_EVENT, None

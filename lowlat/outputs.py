@@ -44,11 +44,11 @@ class _Reusable:
     def busy(self) -> bool:
         return _use_count(self._cdata) != self._baseline
 
-    def claim(self, device: torch.device) -> None:
-        """Order the caller's stream after work an async call left on another stream."""
+    def claim(self) -> None:
+        """Order the caller's (current) stream after work an async call left on another stream."""
         event, self.pending_event = self.pending_event, None
         if event is not None and not event.query():
-            torch.cuda.current_stream(device).wait_event(event)
+            event.wait()
 
 
 class OutputSet(_Reusable):
@@ -179,13 +179,13 @@ class Pool:
         self.items = list(items)
         self._next = 0  # where the search starts: after the item handed out last (they are used in turn)
 
-    def acquire(self, device: torch.device):
+    def acquire(self):
         items, count = self.items, len(self.items)
         for step in range(count):
             index = (self._next + step) % count
             item = items[index]
             if not item.busy():
-                item.claim(device)
+                item.claim()
                 self._next = index + 1
                 return item
         item = self._factory()

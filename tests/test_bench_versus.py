@@ -8,13 +8,13 @@ import pytest
 from lowlat.bench import versus
 
 
-def test_bursts_alternate_between_libraries_and_report_medians(monkeypatch):
+def test_bursts_alternate_between_libraries_in_abba_order_and_report_medians(monkeypatch):
     monkeypatch.setattr(versus.torch.cuda, "synchronize", lambda *a, **k: None)
     clock = itertools.count()
     monkeypatch.setattr(versus.time, "perf_counter", lambda: next(clock) * 1e-6)  # 1 us per clock reading
     order = []
     calls = {"deepep": lambda: order.append("deepep"), "lowlat": lambda: order.append("lowlat")}
     result = versus._interleaved_median_us(calls, count=2, repeats=3, wait_for_gpu=False)
-    assert order == ["deepep", "deepep", "lowlat", "lowlat"] * 3
+    assert order == ["deepep"] * 2 + ["lowlat"] * 4 + ["deepep"] * 4 + ["lowlat"] * 2  # ABBA: bursts of 2 calls
     # Each burst reads the clock twice (start, end): 1 us apart, over 2 calls.
     assert result == pytest.approx({"deepep": 0.5, "lowlat": 0.5})

@@ -66,11 +66,15 @@ def test_async_finish_with_out_stats_and_device_num_tokens_kept_alive():
         assert torch.equal(stats.cpu(), refs[0].recv_count)
         ys = expert_outputs([(recv_x, count, handle)], refs, use_fp8=True, poison=False)
         out = torch.full((16, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+        torch.cuda._sleep(2_000_000)
         combined, event, _ = b.low_latency_combine(ys[0], inputs[0].topk_idx, inputs[0].topk_weights, handle, async_finish=True,
                                                    out=out)
         assert combined.data_ptr() == out.data_ptr()
-        del out, scratch
+        del out, scratch, handle  # the handle held the device num_tokens the combine reads
+        gc.collect()
+        scratch = [torch.full((4,), 99, dtype=torch.int32, device="cuda") for _ in range(64)]  # reuse freed memory
         event.current_stream_wait()
+        del scratch
         check_combine([(combined,)], reference_combined(inputs, ys, refs, use_logfmt=False))
     b.synchronize()
 
@@ -94,6 +98,36 @@ def test_async_calls_hold_the_callers_tensors_not_the_pools():
         check_combine([(combined,)], reference_combined(inputs, ys, refs, use_logfmt=False))
         del recv_x, count, handle, combined, ys, event
     assert (len(b._output_pool.items), len(b._combine_pool.items)) == sizes
+    b.synchronize()
+
+
+def test_eager_calls_after_a_captured_async_call():
+    """A graph holding async calls leaves no captured event behind for later eager calls to query
+    (CUDA forbids querying an event recorded in a capture); replays and eager calls stay exact."""
+    b = lowlat.Buffer.local_group(1, **SHAPE)[0]  # static outputs: the eager dispatch reuses the captured sets
+    inputs = make_inputs(1, 16, 512, 16, 4, seed=11, device="cuda")
+    refs = reference_for(inputs, 16, 16, use_fp8=True)
+    first = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx)
+    ys = expert_outputs([first[:3]], refs, use_fp8=True, poison=False)
+    b.low_latency_combine(ys[0], inputs[0].topk_idx, inputs[0].topk_weights, first[2])
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        recv_x, count, handle, event, _ = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, async_finish=True)
+        event.current_stream_wait()
+        combined, event, _ = b.low_latency_combine(ys[0], inputs[0].topk_idx, inputs[0].topk_weights, handle, async_finish=True)
+        event.current_stream_wait()
+    graph.replay()
+    torch.cuda.synchronize()
+    check_combine([(combined,)], reference_combined(inputs, ys, refs, use_logfmt=False))
+    for _ in range(3):  # eager calls take both static sets, the ones the captured calls used
+        eager = b.low_latency_dispatch(inputs[0].x, inputs[0].topk_idx, async_finish=True)
+        eager[3].current_stream_wait()
+        check_dispatch([eager[:3]], refs, use_fp8=True)
+        out, event, _ = b.low_latency_combine(ys[0], inputs[0].topk_idx, inputs[0].topk_weights, eager[2], async_finish=True)
+        event.current_stream_wait()
+        check_combine([(out,)], reference_combined(inputs, ys, refs, use_logfmt=False))
     b.synchronize()
 
 

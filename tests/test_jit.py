@@ -196,6 +196,17 @@ def test_kernel_config_scopes():
         KernelConfig(RegionLayout.of(BufferShape(2, 4, 2, 128, 3), put_staging=True), transport="nvshmem", peers_on_device=True)
 
 
+def test_traced_fused_kernels_compile(cache):
+    """kernels/trace.cuh stays buildable: the fused kernels with their phase marks (LOWLAT_TRACE=1)."""
+    from lowlat.ops import combine, dispatch
+
+    config = KernelConfig(RegionLayout.of(BufferShape(2, 4, 2, 128, 3)), trace=True)
+    for spec in (dispatch.fused_spec(config, use_fp8=True, use_ue8m0=False, topk_int64=True),
+                 combine.fused_spec(config, use_logfmt=True, topk_int64=False)):
+        assert dict(spec.constants)["kTrace"] is True
+        assert Compiler(ARCH).compile(spec).cubin
+
+
 def test_every_shipped_kernel_family_is_in_the_registry():
     specs = shipped_specs(SHIPPED_SHAPES[:1], normal_shapes=())
     kernels = {s.kernel for s in specs}

@@ -74,14 +74,15 @@ class Session:
 
 def _interleaved_median_us(calls: dict[str, Callable[[], object]], *, count: int, repeats: int, wait_for_gpu: bool) -> dict[str, float]:
     """Median microseconds per call of each of ``calls`` (by library), over ``repeats`` bursts of ``count``
-    calls that alternate between the libraries, each burst starting on a drained GPU.
+    calls that alternate between the libraries (in ABBA order), each burst starting on a drained GPU.
 
     ``wait_for_gpu``: a burst ends when the GPU is done (wall time), else when the host has issued it
     (host time).  Host speed on the shared machines drifts between runs and within one (bursts 1.5x
     apart); alternating the libraries burst by burst gives both the same conditions."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    order = list(calls.items())
+    for repeat in range(repeats):
+        for name, call in order if repeat % 2 == 0 else order[::-1]:  # ABBA: neither library always goes first
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(count):

@@ -5,8 +5,9 @@ There is one launch path for every kernel in lowlat: a :class:`LaunchPlan`.  A p
 :class:`~lowlat.jit.spec.Param` declares, checks ranges, packs the values into one block of host
 memory with the ``void*[]`` array ``cuLaunchKernel`` reads, and raises the dynamic shared-memory limit
 when a kernel needs more than 48 KB.  A call then writes only the arguments that change (tensor
-addresses, a token count) into their slots and calls ``cuLaunchKernel`` on the raw current stream:
-a few microseconds of host time, and a ``torch.cuda.graph`` capture records it like any other
+addresses, a token count) into their slots and launches the kernel's ``CUfunction`` on the raw
+current stream (``cuLaunchKernel``, or ``cuLaunchKernelEx`` for programmatic dependent launch): a
+few microseconds of host time, and a ``torch.cuda.graph`` capture records it like any other
 kernel.  :meth:`Kernel.launch` is the one-off form (a plan built and launched at once).
 """
 
@@ -111,8 +112,8 @@ class Kernel:
     def load(self, device_index: int):
         """Load the cubin and resolve the kernel on a device (set-up: do it before graph capture).
 
-        Returns the context-independent ``CUkernel``; ``cuLaunchKernel`` picks the function of the
-        current context from it."""
+        Returns the context-independent ``CUkernel`` (plans launch the context's ``CUfunction``,
+        :meth:`function`)."""
         from cuda.bindings import driver
 
         ensure_context(device_index)
@@ -217,8 +218,8 @@ class LaunchPlan:
 
     With ``pdl`` the launch goes through ``cuLaunchKernelEx`` with programmatic stream serialisation:
     the kernel may be scheduled while the previous kernel on the stream finishes, so it must wait
-    (``griddepcontrol.wait``, kernels/common.cuh ``wait_previous_grid``) before reading anything that
-    kernel wrote.  A stream capture records the edge as a programmatic one.
+    (``griddepcontrol.wait``, kernels/common.cuh ``chain_after_previous_grid``) before reading anything
+    that kernel wrote.  A stream capture records the edge as a programmatic one.
     """
 
     def __init__(self, kernel: Kernel, function, device_index: int, grid, block, shmem: int, converted: tuple,
@@ -289,13 +290,14 @@ class LaunchPlan:
         config = self._config
         if config is not None:
             config.hStream = stream
-            config.gridDimX = self._grid[0] if grid is None else grid
+            (config.gridDimX, config.gridDimY, config.gridDimZ) = self._grid if grid is None else (grid, 1, 1)
             (err,) = self._launch_ex(config, self._function, self._params, 0)
         else:
             (gx, gy, gz), (bx, by, bz) = self._grid if grid is None else (grid, 1, 1), self._block
             (err,) = self._launch_kernel(self._function, gx, gy, gz, bx, by, bz, self._shmem, stream, self._params, 0)
         if err:
-            raise DeviceError(f"{self.kernel.name}: cuLaunchKernel failed ({err!r})")
+            launcher = "cuLaunchKernelEx" if config is not None else "cuLaunchKernel"
+            raise DeviceError(f"{self.kernel.name}: {launcher} failed ({err!r})")
 
     def argument(self, name: str):
         """The packed value of argument ``name`` (for tests and debugging): bytes for RankArgs, else an int."""

@@ -29,13 +29,15 @@ class KernelConfig:
     num_warps: int = 16
     transport: str = "peer"
     peers_on_device: bool = False
+    trace: bool = False  # kernels/trace.cuh: fused kernels print per-phase SM cycles (for profiling only)
 
     def __post_init__(self):
         if self.peers_on_device and self.transport != "peer":
             raise ValueError(f"peers_on_device=True needs the peer transport flavour, got transport={self.transport!r}")
 
     def spec(self, header: str, kernel: str, signature, **flags) -> KernelSpec:
-        constants = dict(self.layout.constants(), kNumWarps=self.num_warps, kPeersOnDevice=self.peers_on_device, **flags)
+        constants = dict(self.layout.constants(), kNumWarps=self.num_warps, kPeersOnDevice=self.peers_on_device, kTrace=self.trace,
+                         **flags)
         return KernelSpec.make(header, kernel, signature, constants, transport=self.transport)
 
 
@@ -74,8 +76,9 @@ class RankArgsContext:
 class RankContext(RankArgsContext):
     """One rank of one low-latency Buffer: its RankArgs (``state`` int64 [16], see layout.StateWord),
     ``config``, everything its kernels are specialised on, and ``pdl``: whether its kernels launch
-    with programmatic dependent launch (a rank alone on its GPU; virtual ranks share the SMs, and a
-    next kernel's early blocks could hold the room another rank's kernel needs to be resident)."""
+    with programmatic dependent launch (not for several virtual ranks of one process: they share the
+    SMs, and a next kernel's early blocks could hold the room another rank's kernel needs to be
+    resident; processes that share a GPU under MPS would have the same problem, without PDL too)."""
 
     config: KernelConfig = dataclasses.field(kw_only=True)
     pdl: bool = dataclasses.field(default=False, kw_only=True)
