@@ -24,8 +24,12 @@ def tensor(name: str, value, dtypes: tuple[torch.dtype, ...], shape: tuple | Non
             if None not in shape:
                 if actual == shape:
                     return value
-            elif all(w is None or a == w for a, w in zip(actual, shape)):
-                return value
+            else:
+                for size, wanted in zip(actual, shape):  # a loop, not all(<generator>): this is the hot path
+                    if wanted is not None and size != wanted:
+                        break
+                else:
+                    return value
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
