@@ -23,13 +23,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_combine_send(const
                                                                             const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, H = Cfg::kHidden;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
-    const Peers peers = args.peers();
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);
     const int lane = lane_id();
-    const uint64_t seq = state[kSeq];
-    const int parity = static_cast<int>(seq & 1);
     __shared__ int begin[R + 1];
     load_source_begins<R>(rank_prefix_matrix, rank, begin);
     const int num_recv = min(begin[R], num_rows);
@@ -58,13 +53,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_combine_recv(__nv_
                                                                             const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, H = Cfg::kHidden;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
-    const Peers peers = args.peers();
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);
     const int lane = lane_id();
-    const uint64_t seq = state[kSeq];
-    const int parity = static_cast<int>(seq & 1);
     __shared__ int ok[R];
     wait_sources<Cfg>(peers, parity, seq + 1, ok, args.timeout_ns, state, status);
 

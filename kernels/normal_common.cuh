@@ -37,6 +37,22 @@ __device__ __forceinline__ unsigned* blocks_done(uint64_t* state, int slot) {
     return reinterpret_cast<unsigned*>(state + kBlocksDone) + slot;
 }
 
+// What every normal-mode kernel starts from, unpacked with a structured binding:
+//   const auto [rank, state, status, peers, seq, parity] = this_call(args);
+struct Call {
+    int rank;                    // this rank
+    uint64_t* state;             // its StateWord array
+    unsigned long long* status;  // the pinned host mirror of the first error
+    Peers peers;
+    uint64_t seq;                // calls completed before this one
+    int parity;                  // seq & 1: the half of the double-buffered staging this call uses
+};
+
+__device__ __forceinline__ Call this_call(const RankArgs& args) {
+    const uint64_t seq = args.state[kSeq];
+    return Call{args.id, args.state, args.status, args.peers(), seq, static_cast<int>(seq & 1)};
+}
+
 // Status = code:8 | rank:24 | value:32.  The first error wins a compare-and-swap on the device word
 // and is mirrored into pinned host memory, where the host reads it without synchronising.
 __device__ __forceinline__ void report(uint64_t* state, unsigned long long* status, int code, int rank, int value) {

@@ -66,13 +66,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_send(cons
                                                                              const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, E = Cfg::kNumExperts, G = Cfg::kHidden / 128;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
-    const Peers peers = args.peers();
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);
     const int lane = lane_id();
-    const uint64_t seq = state[kSeq];
-    const int parity = static_cast<int>(seq & 1);
 
     for (int token = blockIdx.x * Cfg::kNumWarps + threadIdx.x / 32; token < num_tokens; token += gridDim.x * Cfg::kNumWarps) {
         const int position = lane < R ? __ldg(send_pos + static_cast<long long>(token) * R + lane) : -1;
@@ -124,16 +119,13 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_counts(in
                                                                                const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
-    const Peers peers = args.peers();
-    const uint64_t seq = state[kSeq];
-    const int parity = static_cast<int>(seq & 1);
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);
     __shared__ int ok[R];
     wait_sources<Cfg>(peers, parity, seq + 1, ok, args.timeout_ns, state, status);
 
-    auto count = [&](int src, int j) { return ok[src] ? ld_cg(reinterpret_cast<const int*>(peers.local(Reg::counts(parity, src))) + j) : 0; };
+    auto count = [&, peers = peers, parity = parity](int src, int j) {  // (C++17 lambdas cannot capture structured bindings by reference)
+        return ok[src] ? ld_cg(reinterpret_cast<const int*>(peers.local(Reg::counts(parity, src))) + j) : 0;
+    };
     for (int dst = threadIdx.x; dst < R; dst += blockDim.x) {
         int running = 0;
         for (int src = 0; src < R; ++src) {
@@ -163,13 +155,8 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_copy(void
                                                                              const RankArgs args) {
     using Reg = NormalRegion<Cfg>;
     constexpr int R = Cfg::kNumRanks, L = Cfg::kNumLocalExperts, G = Cfg::kHidden / 128;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
-    const Peers peers = args.peers();
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);
     const int lane = lane_id();
-    const uint64_t seq = state[kSeq];
-    const int parity = static_cast<int>(seq & 1);
     __shared__ int begin[R + 1];
     load_source_begins<R>(rank_prefix_matrix, rank, begin);
     const int num_recv = begin[R];

@@ -23,9 +23,7 @@ __global__ void __launch_bounds__(Cfg::kNumWarps * 32) normal_dispatch_layout(co
                                                                                bool* __restrict__ is_token_in_rank,      // [n, R]
                                                                                const RankArgs args) {
     constexpr int R = Cfg::kNumRanks, E = Cfg::kNumExperts, L = Cfg::kNumLocalExperts;
-    const int rank = args.id;  // this rank, its state and status: the RankArgs every kernel ends with
-    uint64_t* const state = args.state;
-    unsigned long long* const status = args.status;
+    const auto [rank, state, status, peers, seq, parity] = this_call(args);  // this kernel only counts: no peers, no staging
     __shared__ int expert_count[E];
     __shared__ int rank_count[R];
     for (int i = threadIdx.x; i < E; i += blockDim.x) expert_count[i] = 0;
