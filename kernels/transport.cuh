@@ -16,7 +16,8 @@
 //     kMayPut                                            false when by_pointer() is always true
 //   put_warp<Word>(peers, peer, dst_offset, src, bytes)  a message of whole Words (int4 or uint32_t)
 //   put_u32 / put_u64(peers, peer, dst_offset, value)    one word
-//   signal(peers, peer, flag_offset, value)              a flag, after every earlier write of this thread to `peer`
+//   signal<Scope>(peers, peer, flag_offset, value)       a flag, after every earlier write of this thread to `peer`
+//                                                        (release at that scope on the pointer path)
 //   flush_puts()                                         every thread, before a barrier after which one thread
 //                                                        signals on behalf of the block: completes this thread's puts
 //

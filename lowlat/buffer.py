@@ -635,8 +635,9 @@ def _group_size(group) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
-        if dist.get_rank(group) < 0:
-            raise ArgumentError("this process is not a member of group (its rank in the group is -1)")
+        from .transport.base import group_rank
+
+        group_rank(group)
         return dist.get_world_size(group)
     raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or a lowlat Transport, got {type(group).__name__}")
 

@@ -81,7 +81,7 @@ class OutputSet(_Reusable):
         self._seal(blob)
 
     def _refcounts(self) -> list[int]:
-        return list(map(sys.getrefcount, self._returned))  # measured the same way wherever it is measured
+        return list(map(sys.getrefcount, self._returned))
 
     @staticmethod
     def carve(s: BufferShape):

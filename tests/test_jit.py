@@ -183,6 +183,12 @@ def test_launch_plan_with_pdl_keeps_a_launch_config_and_can_drop_it(cache):
     attribute = config.attrs[0]
     assert attribute.id == driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     assert attribute.value.programmaticStreamSerializationAllowed == 1
+    launched = []
+    plan._launch_ex = lambda config, *args: launched.append((config.gridDimX, config.gridDimY, int(config.hStream))) or (0,)
+    plan.launch_on(7, 0, grid=66)  # a per-launch grid, then the planned one again
+    plan.launch_on(8, 0)
+    plan.launch_on(9, 0)
+    assert launched == [(66, 1, 7), (132, 1, 8), (132, 1, 9)]
     plan.use_pdl(False)
     assert not plan.pdl and plan._config is None
 

@@ -266,7 +266,7 @@ class LaunchPlan:
         (config.gridDimX, config.gridDimY, config.gridDimZ), (config.blockDimX, config.blockDimY, config.blockDimZ) = self._grid, self._block
         config.sharedMemBytes = self._shmem
         config.attrs, config.numAttrs = [attr], 1
-        self._config = config
+        self._config, self._config_grid = config, self._grid
 
     def launch(self, *values) -> None:
         """Launch on PyTorch's current stream of the plan's device with the per-call ``values``."""
@@ -290,7 +290,9 @@ class LaunchPlan:
         config = self._config
         if config is not None:
             config.hStream = stream
-            (config.gridDimX, config.gridDimY, config.gridDimZ) = self._grid if grid is None else (grid, 1, 1)
+            dims = self._grid if grid is None else (grid, 1, 1)
+            if dims != self._config_grid:  # the config keeps the last grid: set it only when it changes
+                (config.gridDimX, config.gridDimY, config.gridDimZ), self._config_grid = dims, dims
             (err,) = self._launch_ex(config, self._function, self._params, 0)
         else:
             (gx, gy, gz), (bx, by, bz) = self._grid if grid is None else (grid, 1, 1), self._block

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+
 import torch
 
 from ..jit import ArgKind, KernelSpec, Param, get_kernel

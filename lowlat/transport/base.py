@@ -92,6 +92,18 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot_id}"
 
 
+def group_rank(group) -> int:
+    """This process's rank in the torch.distributed ``group``; ArgumentError when it is not a member."""
+    import torch.distributed as dist
+
+    from ..errors import ArgumentError
+
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ArgumentError("this process is not a member of group (its rank in the group is -1)")
+    return rank
+
+
 def agree(group, what: str, value, problem: BaseException | None = None) -> bool:
     """Check, collectively over the torch.distributed ``group``, that every rank is ready and passes
     an equal ``value``: a rank that hit ``problem`` (an argument error, a missing package, a failed
@@ -102,9 +114,7 @@ def agree(group, what: str, value, problem: BaseException | None = None) -> bool
 
     from ..errors import ArgumentError
 
-    me = dist.get_rank(group)
-    if me < 0:
-        raise ArgumentError("this process is not a member of group (its rank in the group is -1)")
+    group_rank(group)
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (host_identity(), None if problem is not None else value, _portable(problem)), group=group)
     if problem is not None:
