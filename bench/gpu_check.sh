@@ -3,15 +3,17 @@
 # are preinstalled there; the CCCL headers wheel travels in .whl/), run the GPU tests and the
 # benchmarks, and leave the logs, JSON records and plots in the folder given as the first argument.
 #
-#   bash bench/gpu_check.sh OUT [tests|bench|versus|all]
+#   bash bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all]
 #   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" VERSUS_ARGS="--tokens 4,128" \
-#       bash bench/gpu_check.sh OUT all
+#       TRACE_ARGS="--tokens 1,128" bash bench/gpu_check.sh OUT all
 #
 # versus: builds DeepEP V1 from .peers/ (a git-ignored copy of ../shared/peers: the archive and
 # build_deepep.sh) into /tmp and runs `python -m lowlat.bench --baseline deepep` next to it, and with
 # 2+ GPUs `python -m lowlat.bench.normal --baseline deepep` (normal mode, one rank per GPU).
+# trace: `python -m lowlat.bench.trace`, the fused kernels' phases (kernels/trace.cuh) at EP1.
+# hostpath: `python -m lowlat.bench.hostpath`, an eager call's host time split into driver calls and the rest.
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|all]}
+out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all]}
 what=${2:-all}
 mkdir -p "$out"
 # Never create NVLink multicast objects on the shared machines.
@@ -71,6 +73,16 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   # shellcheck disable=SC2086
   python3 -m lowlat.bench --out "$out" --sweep ${SWEEP_ARGS:---ranks 8} 2>&1 | tee "$out/sweep.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = trace ] || [ "$what" = all ]; then
+  # shellcheck disable=SC2086
+  python3 -m lowlat.bench.trace ${TRACE_ARGS:-} 2>&1 | tee "$out/trace.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = hostpath ] || [ "$what" = all ]; then
+  # shellcheck disable=SC2086
+  python3 -m lowlat.bench.hostpath ${HOSTPATH_ARGS:-} 2>&1 | tee "$out/hostpath.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit "$status"

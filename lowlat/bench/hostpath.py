@@ -1,0 +1,138 @@
+"""``python -m lowlat.bench.hostpath``: where an eager call's host time goes.
+
+Drives lowlat's DeepEP facade as ``--baseline deepep`` does (one process, one rank, DeepEP's test
+shape, the same calls), mode by mode, and splits each call's host time into the driver calls it makes
+(kernel launches, event records, stream waits, event queries; counted and timed by wrapping them)
+and the rest (Python: checks, pools, handles).  It also times each kind of driver call alone, and
+PyTorch's equivalents, on this host: what a launch or an event costs here bounds what any Python
+host path can reach.  Timings are medians over bursts; the wrapping adds well under a microsecond
+per driver call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ..jit.launch import LaunchPlan, current_stream_handle
+from ..streams import RawEvent
+
+DRIVER_CALLS = ((LaunchPlan, "launch_on", "launch"), (RawEvent, "record", "event record"), (RawEvent, "wait", "stream wait"),
+                (RawEvent, "query", "event query"), (RawEvent, "synchronize", "event sync"))
+
+
+class DriverClock:
+    """While entered, counts and times every driver call of lowlat's host path (DRIVER_CALLS)."""
+
+    def __init__(self, targets=DRIVER_CALLS):
+        self.targets = targets
+        self.counts: collections.Counter = collections.Counter()
+        self.seconds: collections.Counter = collections.Counter()
+        self._saved = []
+
+    def __enter__(self) -> "DriverClock":
+        for owner, name, label in self.targets:
+            original = getattr(owner, name)
+            self._saved.append((owner, name, original))
+            setattr(owner, name, self._timed(original, label))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+    def _timed(self, original: Callable, label: str) -> Callable:
+        counts, seconds, clock = self.counts, self.seconds, time.perf_counter
+
+        def timed(*args, **kwargs):
+            start = clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += clock() - start
+                counts[label] += 1
+        return timed
+
+    def per_call(self, calls: int) -> dict:
+        """``{kind: (calls per call, us per call)}`` after ``calls`` calls."""
+        return {label: (self.counts[label] / calls, self.seconds[label] / calls * 1e6) for label in self.counts}
+
+
+def _median_us(fn: Callable[[], object], *, count: int, repeats: int) -> float:
+    from .versus import _interleaved_median_us
+
+    return _interleaved_median_us({"call": fn}, count=count, repeats=repeats, wait_for_gpu=False)["call"]
+
+
+def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> dict[str, float]:
+    """Microseconds per call of each kind of driver call alone on this host, and PyTorch's equivalents."""
+    index = device.index
+    comm = torch.cuda.Stream(device)
+    raw = RawEvent(index)
+    raw.record(comm.cuda_stream)
+    torch.cuda.synchronize(device)
+    stream = current_stream_handle(index)
+    event = torch.cuda.Event()
+    event.record()
+    return {
+        "RawEvent.record (cuEventRecord)": _median_us(lambda: raw.record(comm.cuda_stream), count=count, repeats=repeats),
+        "RawEvent.wait (cuStreamWaitEvent)": _median_us(lambda: raw.wait(stream), count=count, repeats=repeats),
+        "RawEvent.query, done (cuEventQuery)": _median_us(raw.query, count=count, repeats=repeats),
+        "torch current raw stream": _median_us(lambda: current_stream_handle(index), count=count, repeats=repeats),
+        "torch.cuda.Event() + record": _median_us(lambda: torch.cuda.Event().record(), count=count, repeats=repeats),
+        "torch Stream.wait_event": _median_us(lambda: torch.cuda.current_stream().wait_event(event), count=count, repeats=repeats),
+        "torch.empty, 1 MiB": _median_us(lambda: torch.empty(2**20, dtype=torch.uint8, device=device), count=count, repeats=repeats),
+    }
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowlat.bench.hostpath", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=288)
+    parser.add_argument("--topk", type=int, default=8)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("lowlat.bench.hostpath times the launch path of the CUDA kernels: it needs an NVIDIA GPU, and this machine has none.")
+        return 2
+    from ..compat import deep_ep
+    from .versus import Session, _async, _hooked, _init_single_rank_group
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    group = _init_single_rank_group()
+    buffer = deep_ep.Buffer(group, num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(args.tokens, args.hidden, 1, args.experts),
+                            low_latency_mode=True, explicitly_destroy=True)
+    session = Session("lowlat", buffer, tokens=args.tokens, max_tokens=args.tokens, hidden=args.hidden, experts=args.experts,
+                      topk=args.topk, seed=0)
+    modes = {"dispatch": session.dispatch, "combine": session.combine,
+             "dispatch + hook": _hooked(session, "dispatch"), "combine + hook": _hooked(session, "combine"),
+             "dispatch async + wait": _async(session, "dispatch"), "combine async + wait": _async(session, "combine")}
+    print(f"host path of lowlat's DeepEP facade on one {torch.cuda.get_device_name(device)}: EP1, T={args.tokens}, hidden {args.hidden}, "
+          f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (median of bursts of 40)")
+    count, repeats = 40, 15
+    for mode, call in modes.items():
+        host = _median_us(call, count=count, repeats=repeats)
+        with DriverClock() as clock:
+            for _ in range(repeats):
+                for _ in range(count):
+                    call()
+                torch.cuda.synchronize()
+        parts = clock.per_call(count * repeats)
+        driver = sum(us for _, us in parts.values())
+        detail = ", ".join(f"{label} {n:g}x {us:.1f}" for label, (n, us) in sorted(parts.items()))
+        print(f"  {mode:<22} {host:6.1f} us: driver calls {driver:5.1f} us ({detail}); the rest {max(host - driver, 0.0):5.1f} us")
+    print("each kind of call alone, us:")
+    for name, us in bare_costs(device).items():
+        print(f"  {name:<38} {us:6.2f}")
+    buffer.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
