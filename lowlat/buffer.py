@@ -39,6 +39,7 @@ from .transport.local import LocalWorld, resolve_device
 DEFAULT_TIMEOUT_S = float(os.environ.get("LOWLAT_TIMEOUT_S", "5"))
 _buffer_ids = itertools.count(1)
 _KEEP_ALIVE_LIMIT = 64  # async calls whose inputs are held before the oldest is waited for
+_PRUNE_EVERY = 8  # held async calls between two looks for finished ones (_hold_until_done)
 _NO_EVENT = EventOverlap()  # what synchronous and hook-mode calls return (nothing to wait for)
 _DISPATCH_FLAGS = ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook")
 _COMBINE_FLAGS = ("use_logfmt", "zero_copy", "async_finish", "return_recv_hook")
@@ -487,15 +488,22 @@ class Buffer:
 
     def _hold_until_done(self, event, tensors: tuple) -> None:
         """Keep the tensors of an async call alive until its event completes, even if the caller drops
-        the event and its inputs (the caching allocator would otherwise reuse their memory)."""
+        the event and its inputs (the caching allocator would otherwise reuse their memory).
+
+        Every async call of a Buffer runs on its one comm stream, so the calls finish in order: once
+        the newest held call is done, all are.  That one event is queried every ``_PRUNE_EVERY``
+        calls (a query is a driver call, several microseconds on some hosts), and at
+        ``_KEEP_ALIVE_LIMIT`` held calls the oldest is waited for."""
+        if capturing():
+            return
         in_flight = self._in_flight
-        capture = capturing()
-        while in_flight and not capture and (len(in_flight) >= _KEEP_ALIVE_LIMIT or in_flight[0][0].query()):
-            if len(in_flight) >= _KEEP_ALIVE_LIMIT:
-                in_flight[0][0].synchronize()
+        held = len(in_flight)
+        if held >= _KEEP_ALIVE_LIMIT:
+            in_flight[0][0].synchronize()
             in_flight.popleft()
-        if not capture:
-            in_flight.append((event, tensors))
+        elif held and held % _PRUNE_EVERY == 0 and in_flight[-1][0].query():
+            in_flight.clear()
+        in_flight.append((event, tensors))
 
     def _run_hook(self, hook: RecvHook) -> None:
         pending = self._pending[hook.kind]

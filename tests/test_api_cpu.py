@@ -345,3 +345,48 @@ def test_round_trip_under_a_bf16_default_dtype():
         round_trip(buffers, inputs, "bf16")
     finally:
         torch.set_default_dtype(before)
+
+
+class _FakeEvent:
+    """Stands for a RawEvent on the CPU: counts the driver calls an async call's bookkeeping makes."""
+
+    calls: list = []
+
+    def __init__(self, done: bool):
+        self.done = done
+
+    def query(self) -> bool:
+        _FakeEvent.calls.append("query")
+        return self.done
+
+    def synchronize(self) -> None:
+        _FakeEvent.calls.append("synchronize")
+        self.done = True
+
+
+def test_async_calls_are_released_in_order_with_one_query_per_batch():
+    """Async calls finish in order on the comm stream: the newest held one is queried every
+    _PRUNE_EVERY calls and, when done, releases all; at _KEEP_ALIVE_LIMIT the oldest is waited for."""
+    from lowlat import buffer as buffer_module
+
+    buffer = cpu_group(1)[0]
+    every, limit = buffer_module._PRUNE_EVERY, buffer_module._KEEP_ALIVE_LIMIT
+    _FakeEvent.calls = []
+    buffer._in_flight.clear()
+    held = [torch.zeros(1, dtype=torch.float32, device="cpu") for _ in range(every)]
+    for i in range(every):  # the first batch: nothing is looked at
+        buffer._hold_until_done(_FakeEvent(done=True), (held[i],))
+    assert _FakeEvent.calls == [] and len(buffer._in_flight) == every
+    buffer._hold_until_done(_FakeEvent(done=False), ())  # the newest of the batch was done: all released
+    assert _FakeEvent.calls == ["query"] and len(buffer._in_flight) == 1
+
+    _FakeEvent.calls = []
+    while len(buffer._in_flight) < limit:  # a GPU that never catches up: one query per batch, nothing released
+        buffer._hold_until_done(_FakeEvent(done=False), ())
+    assert _FakeEvent.calls == ["query"] * (limit // every - 1)
+    _FakeEvent.calls = []
+    oldest = buffer._in_flight[0][0]
+    buffer._hold_until_done(_FakeEvent(done=False), ())  # at the limit: the oldest is waited for, then dropped
+    assert _FakeEvent.calls == ["synchronize"] and oldest.done and len(buffer._in_flight) == limit
+    assert all(entry[0] is not oldest for entry in buffer._in_flight)
+    buffer._in_flight.clear()  # the group is shared with other tests
