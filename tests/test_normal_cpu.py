@@ -396,6 +396,18 @@ def test_bench_without_gpu_checks_against_the_reference(capsys):
     assert "correct: " in out and "bit-exact vs lowlat.reference" in out and "no timings are taken" in out
 
 
+def test_main_bench_forwards_mode_normal_with_its_options(monkeypatch):
+    from lowlat.bench import __main__ as entry, normal as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    assert entry.main(["--mode", "normal", "--ranks", "2"]) == 0
+    assert entry.main(["--tokens", "64", "--mode=normal"]) == 0
+    assert seen == [["--ranks", "2"], ["--tokens", "64"]]
+    with pytest.raises(SystemExit):  # argparse refuses a mode it does not know
+        entry.main(["--mode", "prefill"])
+
+
 def test_bench_torch_reference_matches_the_reference():
     from lowlat.bench.normal import TorchNormal, Workload
 

@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=STANDARD["topk"])
     parser.add_argument("--experts", type=int, default=None,
                         help=f"default {STANDARD['experts']} ({VERSUS['experts']} with --baseline deepep, DeepEP's test shape)")
+    parser.add_argument("--mode", choices=("low-latency", "normal"), default="low-latency",
+                        help="normal: the normal (prefill) mode's benchmark, lowlat/bench/normal.py, with its own options "
+                             "(python -m lowlat.bench --mode normal --help)")
     parser.add_argument("--baseline", choices=("none", "deepep"), default="none",
                         help="deepep: DeepEP V1's low-latency mode next to lowlat's DeepEP facade, same run, one GPU, EP1")
     parser.add_argument("--ranks", default=None, help="virtual ranks on one GPU (list allowed; default 8), or processes")
@@ -69,7 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode, rest = _mode(argv)
+    if mode == "normal":
+        from .normal import main as normal_main
+
+        return normal_main(rest)
+    args = parse_args(argv)  # its parser knows --mode and refuses a mode it does not know
     from . import report
 
     out = Path(args.out)
@@ -87,6 +96,16 @@ def main(argv=None) -> int:
 
         return run_processes(args, processes, env, out)
     return _one_gpu(args, env, out)
+
+
+def _mode(argv: list[str]) -> tuple[str, list[str]]:
+    """``--mode MODE`` (or ``--mode=MODE``) taken out of ``argv``: the modes have their own options."""
+    for i, arg in enumerate(argv):
+        if arg == "--mode" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--mode="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return "low-latency", argv
 
 
 def _configs(args, num_ranks: int) -> list[Config]:
