@@ -112,7 +112,8 @@ def run(argv=None) -> int:
                       topk=args.topk, seed=0)
     modes = {"dispatch": session.dispatch, "combine": session.combine,
              "dispatch + hook": _hooked(session, "dispatch"), "combine + hook": _hooked(session, "combine"),
-             "dispatch async + wait": _async(session, "dispatch"), "combine async + wait": _async(session, "combine")}
+             "dispatch async + wait": _async(session, "dispatch"), "combine async + wait": _async(session, "combine"),
+             "eager step (d + c)": session.step}
     print(f"host path of lowlat's DeepEP facade on one {torch.cuda.get_device_name(device)}: EP1, T={args.tokens}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (median of bursts of 40)")
     count, repeats = 40, 15
