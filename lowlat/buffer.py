@@ -304,7 +304,7 @@ class Buffer:
         if self.validate_routing and not capturing():
             check.routing(topk_idx, s.num_experts, num_tokens)
 
-        outputs = self._take_outputs()
+        outputs = self._take_outputs(async_finish)
         handle = DispatchHandle(self.buffer_id, outputs, outputs.generation, n, num_tokens_device, s.max_tokens_per_rank,
                                 s.hidden, s.num_experts)
         if self.fresh_outputs:
@@ -334,16 +334,16 @@ class Buffer:
                 return call(*args, **kwargs)
         return call(*args, **kwargs)
 
-    def _take_outputs(self) -> OutputSet:
+    def _take_outputs(self, async_finish: bool) -> OutputSet:
         self._dispatches += 1
         if not self.fresh_outputs:
             outputs = self._static[self._dispatches & 1]
             if outputs.pending_event is not None and not capturing():
-                outputs.claim()  # an async dispatch may still write this set, or an async combine read its layout
+                outputs.claim(async_finish)  # an async dispatch may still write this set, or an async combine read its layout
         elif capturing():
             outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
-            outputs = self._output_pool.acquire()
+            outputs = self._output_pool.acquire(async_finish)
         outputs.generation = self._dispatches
         return outputs
 
@@ -402,7 +402,7 @@ class Buffer:
             if capturing():
                 out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
             else:
-                entry = self._combine_pool.acquire()
+                entry = self._combine_pool.acquire(async_finish)
                 out, reusable = entry.rows(n), (entry,)
         engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
         if return_recv_hook:

@@ -44,11 +44,14 @@ class _Reusable:
     def busy(self) -> bool:
         return _use_count(self._cdata) != self._baseline
 
-    def claim(self) -> None:
-        """Order the caller's (current) stream after work an async call left on another stream: one
-        stream wait (cheap on the device when that work is done; a query first would add a driver call)."""
+    def claim(self, on_comm_stream: bool = False) -> None:
+        """Order the next user after the work an async call left on the Buffer's comm stream.  A
+        user on the caller's stream waits for that event (one stream wait: cheap on the device once
+        the work is done; a query first would add a driver call).  An async call (``on_comm_stream``)
+        needs no wait: it runs on that same comm stream, in order after the call that left the
+        event, and its fork orders it after the caller's stream."""
         event, self.pending_event = self.pending_event, None
-        if event is not None:
+        if event is not None and not on_comm_stream:
             event.wait()
 
 
@@ -180,13 +183,15 @@ class Pool:
         self.items = list(items)
         self._next = 0  # where the search starts: after the item handed out last (they are used in turn)
 
-    def acquire(self):
+    def acquire(self, on_comm_stream: bool = False):
+        """An object nothing else refers to, claimed for a user on the caller's stream or, for an
+        async call, on the comm stream (see ``_Reusable.claim``)."""
         items, count = self.items, len(self.items)
         for step in range(count):
             index = (self._next + step) % count
             item = items[index]
             if not item.busy():
-                item.claim()
+                item.claim(on_comm_stream)
                 self._next = index + 1
                 return item
         item = self._factory()

@@ -390,3 +390,25 @@ def test_async_calls_are_released_in_order_with_one_query_per_batch():
     assert _FakeEvent.calls == ["synchronize"] and oldest.done and len(buffer._in_flight) == limit
     assert all(entry[0] is not oldest for entry in buffer._in_flight)
     buffer._in_flight.clear()  # the group is shared with other tests
+
+
+class _WaitedEvent:
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self, stream=None) -> None:
+        self.waits += 1
+
+
+def test_a_pooled_output_left_by_an_async_call_is_waited_for_only_off_the_comm_stream():
+    """The next user of an object an async call left behind waits for that call's event on the
+    caller's stream; an async user runs on the same comm stream, in order, and does not."""
+    from lowlat.outputs import CombineOutput, Pool
+
+    shape = cpu_group(1)[0].shape
+    pool = Pool(lambda: CombineOutput(shape, torch.device("cpu")), [CombineOutput(shape, torch.device("cpu"))])
+    for on_comm_stream, waits in ((False, 1), (True, 0)):
+        event = _WaitedEvent()
+        pool.items[0].pending_event = event
+        assert pool.acquire(on_comm_stream) is pool.items[0]
+        assert event.waits == waits and pool.items[0].pending_event is None
