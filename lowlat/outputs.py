@@ -13,7 +13,8 @@
 
 Combine outputs are always fresh (or the caller's ``out=``), so two combines never alias.
 Reusing storage follows the caching allocator's rule: it is safe in the order of the stream that
-reuses it; work left on another stream by an ``async_finish`` call is waited for first.
+reuses it.  Work an ``async_finish`` call left on the Buffer's comm stream is waited for first by a
+user on the caller's stream; the next async call runs on the comm stream itself, after it.
 """
 
 from __future__ import annotations
