@@ -316,12 +316,13 @@ class Buffer:
             event, hook = self._issue_hook(
                 "dispatch", lambda: engine.dispatch_send(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale),
                 lambda: engine.dispatch_recv(out, use_fp8, use_ue8m0, recv_stats, wait_stats), handle)
-        else:
-            event, hook = self._issue(
-                lambda stream: engine.dispatch(x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0,
-                                               recv_stats, wait_stats, stream),
-                async_finish, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
-        return recv_x, recv_count, handle, event, hook
+            return recv_x, recv_count, handle, event, hook
+        args = (x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0, recv_stats, wait_stats)
+        if async_finish and self._device_index is not None:
+            event = self._issue_async(engine.dispatch, args, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
+            return recv_x, recv_count, handle, event, None
+        engine.dispatch(*args)  # both halves, one launch on the caller's stream
+        return recv_x, recv_count, handle, _NO_EVENT, None
 
     def run(self, call, *args, **kwargs):
         """``call(*args, **kwargs)`` with this Buffer's device (and its context) current: the one
@@ -409,17 +410,17 @@ class Buffer:
             event, hook = self._issue_hook(
                 "combine", lambda: engine.combine_send(source, layout, use_logfmt),
                 lambda: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats), None)
-        else:
-            # Async: the caller's tensors are held until the kernel is done; the Buffer's own (a pooled
-            # out, the handle's layout and zero-copy buffer) are not, since holding them would grow the
+            return out, event, hook
+        args = (source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device, wait_stats)
+        if async_finish and self._device_index is not None:
+            # The caller's tensors are held until the kernel is done; the Buffer's own (a pooled out,
+            # the handle's layout and zero-copy buffer) are not, since holding them would grow the
             # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
-            theirs = ((x, topk_idx, topk_weights, wait_stats, handle.num_tokens_device) + (() if zero_copy else (source,))
+            theirs = ((x, topk_idx, topk_weights, wait_stats, num_tokens_device) + (() if zero_copy else (source,))
                       + (() if reusable else (out,)))
-            event, hook = self._issue(
-                lambda stream: engine.combine(source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device,
-                                              wait_stats, stream),
-                async_finish, theirs, reusable + (handle.outputs,))
-        return out, event, hook
+            return out, self._issue_async(engine.combine, args, theirs, reusable + (handle.outputs,)), None
+        engine.combine(*args)  # both halves, one launch on the caller's stream
+        return out, _NO_EVENT, None
 
     def _check_handle(self, handle) -> None:
         if not isinstance(handle, DispatchHandle):
@@ -465,26 +466,24 @@ class Buffer:
         self._pending[kind].append(hook)
         return _NO_EVENT, hook
 
-    def _issue(self, both, async_finish: bool, keep: tuple, reusable: tuple):
-        """Both halves at once, ``both(stream)``: on the current stream, or on the comm stream
-        (async_finish).  In async mode ``keep`` (the caller's tensors the kernels touch) is held until
+    def _issue_async(self, launch, args: tuple, keep: tuple, reusable: tuple) -> EventOverlap:
+        """``launch(*args, stream=...)`` (both halves at once) on the comm stream, after the caller's
+        stream: ``async_finish``.  ``keep`` (the caller's tensors the kernels touch) is held until
         they are done, and ``reusable`` (the Buffer's own output sets) gets the call's event, which
-        their next user waits for (outputs.py ``claim``).  Inside a capture the graph orders replays,
-        and a captured event must not be queried later, so none is attached there."""
-        if async_finish and self._device_index is not None:
-            comm = self._comm_handle
-            self._fork.record(current_stream_handle(self._device_index))
-            self._fork.wait(comm)
-            both(comm)
-            event = self._events.next()
-            event.record(comm)
-            self._hold_until_done(event, keep)
-            if not capturing():
-                for item in reusable:
-                    item.pending_event = event
-            return EventOverlap(event, keep), None
-        both(None)
-        return _NO_EVENT, None
+        their next user on another stream waits for (outputs.py ``claim``).  Inside a capture the
+        graph orders replays, and a captured event must not be queried later, so none is attached
+        there."""
+        comm = self._comm_handle
+        self._fork.record(current_stream_handle(self._device_index))
+        self._fork.wait(comm)
+        launch(*args, stream=comm)
+        event = self._events.next()
+        event.record(comm)
+        self._hold_until_done(event, keep)
+        if not capturing():
+            for item in reusable:
+                item.pending_event = event
+        return EventOverlap(event, keep)
 
     def _hold_until_done(self, event, tensors: tuple) -> None:
         """Keep the tensors of an async call alive until its event completes, even if the caller drops
