@@ -412,3 +412,52 @@ def test_a_pooled_output_left_by_an_async_call_is_waited_for_only_off_the_comm_s
         pool.items[0].pending_event = event
         assert pool.acquire(on_comm_stream) is pool.items[0]
         assert event.waits == waits and pool.items[0].pending_event is None
+
+
+class _RecordedEvent(_WaitedEvent):
+    def __init__(self):
+        super().__init__()
+        self.recorded_on = []
+
+    def record(self, stream) -> None:
+        self.recorded_on.append(stream)
+
+    def query(self) -> bool:
+        return True
+
+
+def test_async_calls_fork_to_the_comm_stream_and_hand_back_an_event(monkeypatch):
+    """The async wiring without a GPU: a Buffer made to look like one (raw events and streams faked)
+    launches each async call with the comm stream, forks that stream after the caller's, holds the
+    caller's tensors and leaves the call's event on its own outputs."""
+    from lowlat import buffer as buffer_module
+
+    buffer = cpu_group(1)[0]
+    monkeypatch.setattr(buffer, "_device_index", 0)
+    monkeypatch.setattr(buffer, "_comm_handle", 1234, raising=False)
+    fork, done = _RecordedEvent(), _RecordedEvent()
+    monkeypatch.setattr(buffer, "_fork", fork, raising=False)
+    monkeypatch.setattr(buffer, "_events", type("Ring", (), {"next": staticmethod(lambda: done)})(), raising=False)
+    monkeypatch.setattr(buffer_module, "current_stream_handle", lambda index: 77)
+    monkeypatch.setattr(buffer, "run", lambda call, *args, **kwargs: call(*args, **kwargs))
+    launches = []
+    monkeypatch.setattr(buffer._engine, "dispatch", lambda *args, stream=None: launches.append(("dispatch", stream)))
+    monkeypatch.setattr(buffer._engine, "combine", lambda *args, stream=None: launches.append(("combine", stream)))
+    inputs = make_inputs(1, SHAPE["max_tokens_per_rank"], SHAPE["hidden"], SHAPE["num_experts"], SHAPE["num_topk"], seed=3)[0]
+    buffer._in_flight.clear()
+    try:
+        _, _, handle, event, hook = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, async_finish=True)
+        assert hook is None and event.event is done and event.extra_tensors[0] is inputs.x
+        assert fork.recorded_on == [77] and fork.waits == 1 and done.recorded_on == [1234]
+        assert handle.outputs.pending_event is done and buffer._in_flight[-1][0] is done
+        y = torch.zeros(buffer.shape.num_local_experts, buffer.shape.rows_per_expert, buffer.shape.hidden, dtype=torch.bfloat16,
+                        device="cpu")
+        out, event, hook = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle, async_finish=True)
+        assert hook is None and event.event is done and any(t is y for t in event.extra_tensors)
+        assert launches == [("dispatch", 1234), ("combine", 1234)]
+        buffer.low_latency_dispatch(inputs.x, inputs.topk_idx)  # a plain call: the caller's stream
+        assert launches[-1] == ("dispatch", None)
+    finally:
+        buffer._in_flight.clear()
+        for outputs in buffer._static:
+            outputs.pending_event = None
