@@ -51,3 +51,20 @@ class Engine(abc.ABC):
     def combine_recv(self, out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int,
                      num_tokens_device: torch.Tensor | None, use_logfmt: bool, wait_cost_stats: torch.Tensor | None,
                      stream: int | None = None) -> None: ...
+
+
+class EmulatedRegions:
+    """What the CPU engines of both families share: one rank's context, the local transport, and
+    byte views of any rank's symmetric region (they read and write the bytes the kernels would)."""
+
+    def __init__(self, ctx, transport):
+        self.ctx = ctx
+        self.transport = transport  # lowlat.transport.local.LocalTransport
+        self.layout = ctx.layout
+        self.shape = ctx.layout.shape
+
+    def warmup(self) -> None:
+        return None  # nothing to compile
+
+    def _bytes(self, rank: int, offset: int, num_bytes: int) -> torch.Tensor:
+        return self.transport.peer_region(rank)[offset: offset + num_bytes]

@@ -15,28 +15,16 @@ import torch
 
 from .. import formats
 from ..layout import StateWord, StatusCode
-from ..ops.context import RankContext
 from ..ops.dispatch import DispatchOutputs
-from ..transport.local import LocalTransport
-from .base import Engine
+from .base import EmulatedRegions, Engine
 
 _POLL_SECONDS = 50e-6
 
 
-class EmulatedEngine(Engine):
-    def __init__(self, ctx: RankContext, transport: LocalTransport):
-        self.ctx = ctx
-        self.transport = transport
-        self.layout = ctx.layout
-        self.shape = ctx.layout.shape
-
-    def warmup(self) -> None:
-        return None
+class EmulatedEngine(EmulatedRegions, Engine):
+    """``EmulatedEngine(ctx: RankContext, transport: LocalTransport)``: one rank's four halves on the CPU."""
 
     # -- region views ------------------------------------------------------------------------------
-
-    def _bytes(self, rank: int, offset: int, num_bytes: int) -> torch.Tensor:
-        return self.transport.peer_region(rank)[offset: offset + num_bytes]
 
     def _flags(self, rank: int, parity: int, field: int) -> torch.Tensor:
         return self._bytes(rank, self.layout.parity_offset(parity) + field, 8 * self.shape.num_ranks).view(torch.int64)

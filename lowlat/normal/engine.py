@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..engines.base import EmulatedRegions
 from ..jit import compile_all, get_kernel
 from ..jit.launch import address, current_stream_handle, ensure_context
 from ..ops.context import RankArgsContext, plan_with_rank
@@ -99,24 +100,13 @@ def _word(value) -> int:
     return int(value) if isinstance(value, bool) else address(value)
 
 
-class EmulatedNormalEngine:
+class EmulatedNormalEngine(EmulatedRegions):
     """The kernels' steps in PyTorch on the CPU, over the local transport's regions (see module doc).
 
-    Virtual ranks driven from one host thread each behave like ranks running concurrently."""
-
-    def __init__(self, ctx: NormalContext, transport):
-        self.ctx = ctx
-        self.transport = transport
-        self.layout = ctx.layout
-        self.shape = ctx.layout.shape
-
-    def warmup(self) -> None:
-        return None
+    Virtual ranks driven from one host thread each behave like ranks running concurrently.
+    ``EmulatedNormalEngine(ctx: NormalContext, transport: LocalTransport)``."""
 
     # -- region views ------------------------------------------------------------------------------
-
-    def _bytes(self, rank: int, offset: int, num_bytes: int) -> torch.Tensor:
-        return self.transport.peer_region(rank)[offset: offset + num_bytes]
 
     def _flags(self, rank: int, parity: int) -> torch.Tensor:  # int64 [R]
         return self._bytes(rank, self.layout.parity_offset(parity) + self.layout.flags, 8 * self.shape.num_ranks).view(torch.int64)
