@@ -1,5 +1,7 @@
 """The host-path probe's accounting of driver calls, on the CPU (a stand-in class for the driver)."""
 
+import pytest
+
 from lowlat.bench import hostpath
 
 
@@ -36,3 +38,24 @@ def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     monkeypatch.setattr(hostpath.torch.cuda, "is_available", lambda: False)
     assert hostpath.run([]) == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().out
+
+
+def test_split_takes_host_and_driver_time_from_alternating_bursts(monkeypatch):
+    """Plain and wrapped bursts alternate; the rest is each wrapped burst's time minus its driver time."""
+    monkeypatch.setattr(hostpath.torch.cuda, "synchronize", lambda *a, **k: None)
+    now = [0.0]
+    monkeypatch.setattr(hostpath.time, "perf_counter", lambda: now[0])
+
+    class Driver:
+        def launch(self):
+            now[0] += 3e-6  # 3 us inside the driver call
+
+    driver = Driver()
+
+    def call():
+        now[0] += 2e-6  # 2 us of Python around it
+        driver.launch()
+
+    part = hostpath.split(call, count=4, repeats=3, targets=((Driver, "launch", "launch"),))
+    assert part["host"] == pytest.approx(5.0) and part["driver"] == pytest.approx(3.0) and part["rest"] == pytest.approx(2.0)
+    assert part["kinds"]["launch"][0] == 1 and part["kinds"]["launch"][1] == pytest.approx(3.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import time
 from typing import Callable
@@ -70,6 +71,35 @@ def _median_us(fn: Callable[[], object], *, count: int, repeats: int) -> float:
     return _interleaved_median_us({"call": fn}, count=count, repeats=repeats, wait_for_gpu=False)["call"]
 
 
+def split(call: Callable[[], object], *, count: int, repeats: int, targets=DRIVER_CALLS) -> dict:
+    """Host us per call of ``call`` and the driver calls' share of it, from bursts of ``count``
+    calls that alternate between plain and wrapped (DriverClock), so that both see the same host
+    speed (it drifts within a run).  ``rest`` is wrapped host time minus driver time, burst by burst:
+    the Python around the driver calls.  Medians over ``repeats`` burst pairs, and per kind of driver
+    call ``(calls per call, us per call)`` over all wrapped bursts."""
+    clock = DriverClock(targets)
+    plain, rest, driver = [], [], []
+    for _ in range(repeats):
+        plain.append(_burst_us(call, count))
+        before = sum(clock.seconds.values())
+        with clock:
+            wrapped = _burst_us(call, count)
+        spent = (sum(clock.seconds.values()) - before) / count * 1e6
+        driver.append(spent)
+        rest.append(wrapped - spent)
+    return {"host": statistics.median(plain), "driver": statistics.median(driver), "rest": statistics.median(rest),
+            "kinds": clock.per_call(count * repeats)}
+
+
+def _burst_us(call: Callable[[], object], count: int) -> float:
+    """Host us per call of ``count`` calls issued on a drained device."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - start) / count * 1e6
+
+
 def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> dict[str, float]:
     """Microseconds per call of each kind of driver call alone on this host, and PyTorch's equivalents."""
     index = device.index
@@ -115,19 +145,12 @@ def run(argv=None) -> int:
              "dispatch async + wait": _async(session, "dispatch"), "combine async + wait": _async(session, "combine"),
              "eager step (d + c)": session.step}
     print(f"host path of lowlat's DeepEP facade on one {torch.cuda.get_device_name(device)}: EP1, T={args.tokens}, hidden {args.hidden}, "
-          f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (median of bursts of 40)")
-    count, repeats = 40, 15
+          f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (medians of 15 bursts of 40, "
+          "plain and wrapped bursts alternating; the rest is wrapped time minus driver time, burst by burst)")
     for mode, call in modes.items():
-        host = _median_us(call, count=count, repeats=repeats)
-        with DriverClock() as clock:
-            for _ in range(repeats):
-                for _ in range(count):
-                    call()
-                torch.cuda.synchronize()
-        parts = clock.per_call(count * repeats)
-        driver = sum(us for _, us in parts.values())
-        detail = ", ".join(f"{label} {n:g}x {us:.1f}" for label, (n, us) in sorted(parts.items()))
-        print(f"  {mode:<22} {host:6.1f} us: driver calls {driver:5.1f} us ({detail}); the rest {max(host - driver, 0.0):5.1f} us")
+        part = split(call, count=40, repeats=15)
+        detail = ", ".join(f"{label} {n:g}x {us:.1f}" for label, (n, us) in sorted(part["kinds"].items()))
+        print(f"  {mode:<22} {part['host']:6.1f} us: driver calls {part['driver']:5.1f} us ({detail}); the rest {part['rest']:5.1f} us")
     print("each kind of call alone, us:")
     for name, us in bare_costs(device).items():
         print(f"  {name:<38} {us:6.2f}")
