@@ -65,12 +65,6 @@ class DriverClock:
         return {label: (self.counts[label] / calls, self.seconds[label] / calls * 1e6) for label in self.counts}
 
 
-def _median_us(fn: Callable[[], object], *, count: int, repeats: int) -> float:
-    from .versus import _interleaved_median_us
-
-    return _interleaved_median_us({"call": fn}, count=count, repeats=repeats, wait_for_gpu=False)["call"]
-
-
 def split(call: Callable[[], object], *, count: int, repeats: int, targets=DRIVER_CALLS) -> dict:
     """Host us per call of ``call`` and the driver calls' share of it, from bursts of ``count``
     calls that alternate between plain and wrapped (DriverClock), so that both see the same host
@@ -89,6 +83,10 @@ def split(call: Callable[[], object], *, count: int, repeats: int, targets=DRIVE
         rest.append(wrapped - spent)
     return {"host": statistics.median(plain), "driver": statistics.median(driver), "rest": statistics.median(rest),
             "kinds": clock.per_call(count * repeats)}
+
+
+def _median_us(call: Callable[[], object], *, count: int, repeats: int) -> float:
+    return statistics.median(_burst_us(call, count) for _ in range(repeats))
 
 
 def _burst_us(call: Callable[[], object], count: int) -> float:
