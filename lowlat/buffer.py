@@ -304,7 +304,8 @@ class Buffer:
         if self.validate_routing and not capturing():
             check.routing(topk_idx, s.num_experts, num_tokens)
 
-        outputs = self._take_outputs(async_finish)
+        on_comm_stream = async_finish and self._device_index is not None  # a CPU Buffer runs async calls in place
+        outputs = self._take_outputs(on_comm_stream)
         handle = DispatchHandle(self.buffer_id, outputs, outputs.generation, n, num_tokens_device, s.max_tokens_per_rank,
                                 s.hidden, s.num_experts)
         if self.fresh_outputs:
@@ -318,7 +319,7 @@ class Buffer:
                 lambda: engine.dispatch_recv(out, use_fp8, use_ue8m0, recv_stats, wait_stats), handle)
             return recv_x, recv_count, handle, event, hook
         args = (x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0, recv_stats, wait_stats)
-        if async_finish and self._device_index is not None:
+        if on_comm_stream:
             event = self._issue_async(engine.dispatch, args, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
             return recv_x, recv_count, handle, event, None
         engine.dispatch(*args)  # both halves, one launch on the caller's stream
@@ -335,16 +336,16 @@ class Buffer:
                 return call(*args, **kwargs)
         return call(*args, **kwargs)
 
-    def _take_outputs(self, async_finish: bool) -> OutputSet:
+    def _take_outputs(self, on_comm_stream: bool) -> OutputSet:
         self._dispatches += 1
         if not self.fresh_outputs:
             outputs = self._static[self._dispatches & 1]
             if outputs.pending_event is not None and not capturing():
-                outputs.claim(async_finish)  # an async dispatch may still write this set, or an async combine read its layout
+                outputs.claim(on_comm_stream)  # an async dispatch may still write this set, or an async combine read its layout
         elif capturing():
             outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
-            outputs = self._output_pool.acquire(async_finish)
+            outputs = self._output_pool.acquire(on_comm_stream)
         outputs.generation = self._dispatches
         return outputs
 
@@ -398,12 +399,13 @@ class Buffer:
             check.tensor("out", out, check.BF16, (n, s.hidden), self.device)
         self._check_modes(async_finish, return_recv_hook, "combine")
 
+        on_comm_stream = async_finish and self._device_index is not None  # a CPU Buffer runs async calls in place
         reusable = ()
         if out is None:
             if capturing():
                 out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
             else:
-                entry = self._combine_pool.acquire(async_finish)
+                entry = self._combine_pool.acquire(on_comm_stream)
                 out, reusable = entry.rows(n), (entry,)
         engine, layout, num_tokens_device = self._engine, handle.layout, handle.num_tokens_device
         if return_recv_hook:
@@ -412,7 +414,7 @@ class Buffer:
                 lambda: engine.combine_recv(out, topk_idx, topk_weights, n, num_tokens_device, use_logfmt, wait_stats), None)
             return out, event, hook
         args = (source, layout, use_logfmt, out, topk_idx, topk_weights, n, num_tokens_device, wait_stats)
-        if async_finish and self._device_index is not None:
+        if on_comm_stream:
             # The caller's tensors are held until the kernel is done; the Buffer's own (a pooled out,
             # the handle's layout and zero-copy buffer) are not, since holding them would grow the
             # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
