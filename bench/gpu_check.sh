@@ -3,7 +3,7 @@
 # are preinstalled there; the CCCL headers wheel travels in .whl/), run the GPU tests and the
 # benchmarks, and leave the logs, JSON records and plots in the folder given as the first argument.
 #
-#   bash bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all]
+#   bash bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all, or several: tests,hostpath]
 #   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" VERSUS_ARGS="--tokens 4,128" \
 #       TRACE_ARGS="--tokens 1,128" bash bench/gpu_check.sh OUT all
 #
@@ -15,6 +15,8 @@
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all]}
 what=${2:-all}
+# wants TARGET: whether TARGET is among the comma-separated targets asked for (or all of them are).
+wants() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 mkdir -p "$out"
 # Never create NVLink multicast objects on the shared machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -38,12 +40,12 @@ for wheel in .whl/nvshmem4py*.whl; do
 done
 
 status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if wants tests; then
   # shellcheck disable=SC2086
   python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$out/pytest.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
-if [ "$what" = versus ] || [ "$what" = all ]; then
+if wants versus; then
   if [ -f .peers/build_deepep.sh ]; then
     start=$(date +%s)
     if bash .peers/build_deepep.sh .peers/deepep-v1-567632d.tar.gz /tmp/deepep-build > "$out/deepep-build.log" 2>&1; then
@@ -67,7 +69,7 @@ if [ "$what" = versus ] || [ "$what" = all ]; then
     echo "versus: .peers/build_deepep.sh is missing (copy ../shared/peers into .peers/ and carry it)"; status=1
   fi
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if wants bench; then
   # shellcheck disable=SC2086
   python3 -m lowlat.bench --out "$out" ${BENCH_ARGS:---ranks 1,8 --hook} 2>&1 | tee "$out/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -75,12 +77,12 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 -m lowlat.bench --out "$out" --sweep ${SWEEP_ARGS:---ranks 8} 2>&1 | tee "$out/sweep.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
-if [ "$what" = trace ] || [ "$what" = all ]; then
+if wants trace; then
   # shellcheck disable=SC2086
   python3 -m lowlat.bench.trace ${TRACE_ARGS:-} 2>&1 | tee "$out/trace.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
-if [ "$what" = hostpath ] || [ "$what" = all ]; then
+if wants hostpath; then
   # shellcheck disable=SC2086
   python3 -m lowlat.bench.hostpath ${HOSTPATH_ARGS:-} 2>&1 | tee "$out/hostpath.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -112,6 +112,18 @@ __device__ __forceinline__ void send_slice(int token, int slice, const __nv_bflo
     const Peers peers = rank.peers();
     const int first = slice * kSlice;
     const __nv_bfloat16* row = x + static_cast<uint64_t>(token) * H;
+    if constexpr (Cfg::kUseFP8 && !Peers::kMayPut) {
+        // Every peer is reached by pointer: quantise once, then store straight into each destination's
+        // message (no staged copy to write and read back).
+        fp8::QuantizedSlice<H, kSlice> quantized;
+        quantized.quantize(row, first, round_scale);
+        while (leaders != 0) {
+            const int peer = __shfl_sync(kFullMask, dst, __ffs(leaders) - 1);
+            leaders &= leaders - 1;
+            quantized.store(peers.remote(peer, Reg::dispatch_message(parity, peers.rank, token)), first);
+        }
+        return;
+    }
     uint8_t* const staged = peers.local(Reg::send_message(token));  // symmetric: a valid put source
     if constexpr (Cfg::kUseFP8) {
         fp8::quantize_slice<H, kSlice>(row, first, staged, round_scale);
@@ -225,7 +237,8 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
     trace_mark<Cfg>(2);
     flush_puts();
     constexpr Scope kScope = peer_scope<Cfg>();
-    if (finish_block<kScope>(blocks_done(state, kDispatchSendDone))) {
+    const unsigned working = working_blocks<Cfg>(E + num_tokens * kSlices);
+    if (blockIdx.x < working && finish_block<kScope>(blocks_done(state, kDispatchSendDone), working)) {
         trace_raised_flags<Cfg>();
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
             if (!rank.masked(peer)) signal<kScope>(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);

@@ -29,7 +29,7 @@ from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCapture
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
 from .jit.compiler import capturing
-from .jit.launch import context_ready, current_stream_handle, ensure_context
+from .jit.launch import context_ready, ensure_context, raw_stream_getter
 from .ops.context import KernelConfig, RankContext
 from .outputs import CombineOutput, OutputSet, Pool
 from .streams import EventRing, RawEvent
@@ -75,6 +75,9 @@ class MemoryReport:
             zero_copy_buffers=2 * s.num_local_experts * s.rows_per_expert * s.hidden * 2 if enable_zero_copy else 0,
             device_state=StateWord.NUM_STATE_WORDS * 8 + s.num_ranks * 4,
         )
+
+
+_current_raw_stream = raw_stream_getter()
 
 
 def _on_own_device(method):
@@ -214,8 +217,9 @@ class Buffer:
     def _make_context(self, num_sms, rank_mask) -> RankContext:
         if self.device.type == "cuda":
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            # Two 512-thread blocks per SM keep enough loads in flight; virtual ranks that run
-            # concurrently on one GPU share it, and their kernels must be co-resident.
+            # Two 512-thread blocks per SM keep enough loads in flight (fewer blocks sized to the work
+            # measured slower at small T: bench/NOTES.md v8); virtual ranks that run concurrently on
+            # one GPU share it, and their kernels must be co-resident.
             default = max(1, sms // self.num_ranks) if self.transport.colocated else 2 * sms
             # Written by kernels, read without a sync.
             status = torch.zeros(1, dtype=torch.int64, device="cpu", pin_memory=True)
@@ -232,7 +236,8 @@ class Buffer:
         pdl = self.device.type == "cuda" and alone and torch.cuda.get_device_capability(self.device)[0] >= 9
         trace = os.environ.get("LOWLAT_TRACE") == "1"  # kernels/trace.cuh: per-phase cycles printed by the fused kernels
         return RankContext(
-            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device, trace=trace),
+            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device, trace=trace,
+                                all_blocks_count_in=os.environ.get("LOWLAT_ALL_BLOCKS_COUNT_IN") == "1"),
             pdl=pdl,
             rank=self.rank,
             peer_bases=self.transport.peer_bases,
@@ -282,9 +287,11 @@ class Buffer:
     def _dispatch(self, x, topk_idx, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook, recv_stats, wait_stats,
                   num_tokens):
         """low_latency_dispatch with positional arguments, on the Buffer's device (the host path's core)."""
-        self.check_status()
+        if self._status_host[0]:
+            self.check_status()
         s = self.shape
-        check.flags(_DISPATCH_FLAGS, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+        if not use_fp8.__class__ is round_scale.__class__ is use_ue8m0.__class__ is async_finish.__class__ is return_recv_hook.__class__ is bool:
+            check.flags(_DISPATCH_FLAGS, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)  # names the culprit
         if round_scale and not use_fp8:
             raise ArgumentError("round_scale=True needs use_fp8=True")
         if use_ue8m0 and not round_scale:
@@ -376,10 +383,13 @@ class Buffer:
 
     def _combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out, wait_stats):
         """low_latency_combine with positional arguments, on the Buffer's device (the host path's core)."""
-        self.check_status()
+        if self._status_host[0]:
+            self.check_status()
         s = self.shape
-        check.flags(_COMBINE_FLAGS, use_logfmt, zero_copy, async_finish, return_recv_hook)
-        self._check_handle(handle)
+        if not use_logfmt.__class__ is zero_copy.__class__ is async_finish.__class__ is return_recv_hook.__class__ is bool:
+            check.flags(_COMBINE_FLAGS, use_logfmt, zero_copy, async_finish, return_recv_hook)  # names the culprit
+        if handle.__class__ is not DispatchHandle or handle.buffer_id != self.buffer_id or handle.is_stale:
+            self._check_handle(handle)  # raises, naming the problem
         if zero_copy and use_logfmt:
             raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
         n = handle.num_tokens
@@ -476,7 +486,7 @@ class Buffer:
         graph orders replays, and a captured event must not be queried later, so none is attached
         there."""
         comm = self._comm_handle
-        self._fork.record(current_stream_handle(self._device_index))
+        self._fork.record(_current_raw_stream(self._device_index))
         self._fork.wait(comm)
         launch(*args, stream=comm)
         event = self._events.next()

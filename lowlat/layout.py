@@ -14,7 +14,8 @@ Symmetric region of one rank (everything a peer may write into)::
         dispatch_route   int32  [L][R][T]         (token << 5 | k) of those tokens, in token order
         dispatch_staging msg    [R][T]            one message per (source rank, token), deduplicated
         combine_staging  slot   [T][K]            expert outputs coming back, per (token, top-k slot)
-    send_buffer  msg [T]                  this rank's outgoing tokens (FP8-quantised, or bf16 staged for puts)
+    send_buffer  msg [T]                  this rank's outgoing tokens, staged for puts (FP8-quantised or
+                                          bf16); peers reached by pointer get their bytes straight
     route_staging         int32 [E][T]    } only with put staging (the nvshmem transport): what RDMA
     combine_send_staging  slot  [R*T*min(L, K)] } puts read, since they read only symmetric memory
 

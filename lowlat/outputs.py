@@ -192,7 +192,8 @@ class Pool:
             index = (self._next + step) % count
             item = items[index]
             if not item.busy():
-                item.claim(on_comm_stream)
+                if item.pending_event is not None:
+                    item.claim(on_comm_stream)
                 self._next = index + 1
                 return item
         item = self._factory()

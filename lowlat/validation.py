@@ -17,14 +17,13 @@ def tensor(name: str, value, dtypes: tuple[torch.dtype, ...], shape: tuple | Non
     if (isinstance(value, torch.Tensor) and value.dtype in dtypes and (device is None or value.device == device)
             and (not contiguous or value.is_contiguous())):
         actual = value.shape
+        if actual == shape:  # an exact shape (no None entries) that matches: the usual case
+            return value
         if shape is None:
             if ndim is None or len(actual) == ndim:
                 return value
         elif len(actual) == len(shape):
-            if None not in shape:
-                if actual == shape:
-                    return value
-            else:
+            if None in shape:
                 for size, wanted in zip(actual, shape):  # a loop, not all(<generator>): this is the hot path
                     if wanted is not None and size != wanted:
                         break

@@ -119,6 +119,55 @@ def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> 
     }
 
 
+def launch_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> dict[str, float]:
+    """Host microseconds per launch of an empty kernel, by launch flavour: through cuda-bindings with
+    ``cuLaunchKernel`` and with ``cuLaunchKernelEx`` (no attribute, and programmatic stream
+    serialisation as lowlat's PDL plans set it), and ``cuLaunchKernel`` called through ctypes
+    (what the Python binding's own conversion costs)."""
+    import ctypes
+
+    from cuda.bindings import driver
+    from cuda.core import Program, ProgramOptions
+
+    index = device.index
+    major, minor = torch.cuda.get_device_capability(device)
+    code = Program('extern "C" __global__ void lowlat_noop(int* p) { if (p) *p = 0; }', code_type="c++",
+                   options=ProgramOptions(arch=f"sm_{major}{minor}")).compile("cubin")
+    kernel = code.get_kernel("lowlat_noop")
+    err, function = driver.cuKernelGetFunction(kernel.handle)
+    assert not err, err
+    stream = current_stream_handle(index)
+    word = (ctypes.c_uint64 * 1)(0)
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(word))
+    address = ctypes.addressof(params)
+
+    def config(pdl: bool):
+        cfg = driver.CUlaunchConfig()
+        cfg.gridDimX = cfg.gridDimY = cfg.gridDimZ = 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = 32, 1, 1
+        cfg.hStream = stream
+        if pdl:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            cfg.attrs, cfg.numAttrs = [attr], 1
+        return cfg
+
+    plain_config, pdl_config = config(False), config(True)
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    raw_launch = libcuda.cuLaunchKernel
+    raw_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    raw_launch.restype = ctypes.c_int
+    raw_function = int(function)
+    launches = {
+        "cuLaunchKernel (cuda-bindings)": lambda: driver.cuLaunchKernel(function, 1, 1, 1, 32, 1, 1, 0, stream, address, 0),
+        "cuLaunchKernelEx, no attribute": lambda: driver.cuLaunchKernelEx(plain_config, function, address, 0),
+        "cuLaunchKernelEx, PDL attribute": lambda: driver.cuLaunchKernelEx(pdl_config, function, address, 0),
+        "cuLaunchKernel (ctypes)": lambda: raw_launch(raw_function, 1, 1, 1, 32, 1, 1, 0, stream, address, None),
+    }
+    return {name: _median_us(call, count=count, repeats=repeats) for name, call in launches.items()}
+
+
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowlat.bench.hostpath", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4)
@@ -145,12 +194,24 @@ def run(argv=None) -> int:
     print(f"host path of lowlat's DeepEP facade on one {torch.cuda.get_device_name(device)}: EP1, T={args.tokens}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (medians of 15 bursts of 40, "
           "plain and wrapped bursts alternating; the rest is wrapped time minus driver time, burst by burst)")
+    plans = [plan for inner in buffer._buffers.values() for plan in inner._engine.plans()]
+    if any(plan.pdl for plan in plans):  # the plain calls again with plain launches, to price PDL's launch path
+        modes.update({f"{mode}, PDL off": modes[mode] for mode in ("dispatch", "combine", "eager step (d + c)")})
     for mode, call in modes.items():
+        with_pdl = [plan for plan in plans if plan.pdl]
+        if mode.endswith("PDL off"):
+            for plan in with_pdl:
+                plan.use_pdl(False)
         part = split(call, count=40, repeats=15)
+        for plan in with_pdl:
+            plan.use_pdl(True)
         detail = ", ".join(f"{label} {n:g}x {us:.1f}" for label, (n, us) in sorted(part["kinds"].items()))
         print(f"  {mode:<22} {part['host']:6.1f} us: driver calls {part['driver']:5.1f} us ({detail}); the rest {part['rest']:5.1f} us")
     print("each kind of call alone, us:")
     for name, us in bare_costs(device).items():
+        print(f"  {name:<38} {us:6.2f}")
+    print("one launch of an empty kernel, us:")
+    for name, us in launch_costs(device).items():
         print(f"  {name:<38} {us:6.2f}")
     buffer.destroy()
     return 0

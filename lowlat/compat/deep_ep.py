@@ -178,9 +178,12 @@ class Buffer:
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                              return_recv_hook: bool = False):
         """DeepEP's ``low_latency_dispatch``: returns ``(recv_x, recv_count, handle, event, hook)``."""
-        buffer = self._buffers.get((num_max_dispatch_tokens_per_rank, _width(x, "x"), num_experts, _width(topk_idx, "topk_idx")))
-        if buffer is None:
-            buffer = self._buffer_for(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
+        try:  # the shape's Buffer checks x and topk_idx in full
+            buffer = self._buffers.get((num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1]))
+        except (AttributeError, IndexError, TypeError):
+            buffer = None
+        if buffer is None:  # a new shape, or arguments that are not 2-D tensors: named here
+            buffer = self._buffer_for(num_max_dispatch_tokens_per_rank, _width(x, "x"), num_experts, _width(topk_idx, "topk_idx"))
         return buffer.run(buffer._dispatch, x, topk_idx, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, None)
 

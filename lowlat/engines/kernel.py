@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..jit import compile_all
-from ..jit.launch import current_stream_handle
+from ..jit.launch import raw_stream_getter
 from ..ops import combine, dispatch, exchange, low_latency_specs
 from ..ops.context import RankContext
 from .base import Engine
@@ -21,7 +21,7 @@ class KernelEngine(Engine):
         self.ctx = ctx
         self._ready = False
         self._device_index = ctx.device_index
-        self._current_stream = current_stream_handle
+        self._current_stream = raw_stream_getter()
 
     def specs(self):
         return low_latency_specs(self.ctx.config)
@@ -38,6 +38,11 @@ class KernelEngine(Engine):
         self._combine_fused = combine.fused_plans(self.ctx)
         self._exchange = exchange.plan(self.ctx)
         self._ready = True
+
+    def plans(self) -> list:
+        """Every launch plan of this engine (after warmup)."""
+        return [plan for plans in (self._dispatch_send, self._dispatch_recv, self._dispatch_fused, self._combine_send,
+                                   self._combine_recv, self._combine_fused) for plan in plans.values()] + [self._exchange]
 
     def _stream(self, stream):
         return self._current_stream(self._device_index) if stream is None else stream

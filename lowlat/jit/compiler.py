@@ -125,18 +125,24 @@ class CompiledCubin:
     from_cache: bool
 
 
-_cuda_available: bool | None = None
+_capture_probe = None  # resolved on first use: torch's own test, or "never" where CUDA is unavailable
 
 
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (set-up work must not happen then).
-    Cheap enough for every call's host path: CUDA's availability is looked up once."""
+    Cheap enough for every call's host path: after the first call it is one call into torch."""
+    probe = _capture_probe
+    if probe is None:
+        probe = _resolve_capture_probe()
+    return probe()
+
+
+def _resolve_capture_probe():
     import torch
 
-    global _cuda_available
-    if _cuda_available is None:
-        _cuda_available = torch.cuda.is_available()
-    return _cuda_available and torch._C._cuda_isCurrentStreamCapturing()
+    global _capture_probe
+    _capture_probe = torch._C._cuda_isCurrentStreamCapturing if torch.cuda.is_available() else (lambda: False)
+    return _capture_probe
 
 
 def cache_digest(source: str, arch: str, options: str, toolchain: str) -> str:

@@ -47,10 +47,21 @@ def ensure_context(device_index: int) -> None:
 
 
 def current_stream_handle(device_index: int) -> int:
-    """The raw ``cudaStream_t`` PyTorch considers current on ``device_index`` (capture streams too)."""
+    """The raw ``cudaStream_t`` PyTorch considers current on ``device_index`` (capture streams too).
+    Hot paths bind :func:`raw_stream_getter` once instead."""
+    return raw_stream_getter()(device_index)
+
+
+def raw_stream_getter():
+    """PyTorch's ``device_index -> cudaStream_t`` of the current stream, as one callable."""
     import torch
 
-    return torch._C._cuda_getCurrentRawStream(device_index)
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # a CPU build of torch: nothing to launch on
+
+        def getter(device_index: int) -> int:
+            raise DeviceError(f"no CUDA stream on device {device_index}: this build of torch has no CUDA")
+    return getter
 
 
 def context_ready(device_index: int) -> bool:
