@@ -25,18 +25,20 @@ export PYTHONUNBUFFERED=1 LOWLAT_CACHE_DIR=${LOWLAT_CACHE_DIR:-/tmp/lowlat-cache
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, cuda.core, cuda.bindings; print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda.core", cuda.core.__version__, "cuda.bindings", cuda.bindings.__version__)'
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+} > "$out/setup.log" 2>&1
+cat "$out/setup.log"
+# One setup log (machine, install, DeepEP build): the device tool brings back only a few files.
+setup_log=$out/setup.log
 
 find_links=()
 [ -d .whl ] && find_links=(--find-links .whl)
-if ! python3 -m pip install -q --no-index "${find_links[@]}" --no-build-isolation -e . > "$out/install.log" 2>&1; then
-  cat "$out/install.log"; exit 1
+if ! python3 -m pip install -q --no-index "${find_links[@]}" --no-build-isolation -e . >> "$setup_log" 2>&1; then
+  cat "$setup_log"; exit 1
 fi
 # nvshmem4py (the nvshmem extra) without its dependencies: its cuda-python pin would move the image's
 # cuda-bindings; it needs only what is there.
 for wheel in .whl/nvshmem4py*.whl; do
-  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps "$wheel" >> "$out/install.log" 2>&1
+  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps "$wheel" >> "$setup_log" 2>&1
 done
 
 status=0
@@ -48,7 +50,7 @@ fi
 if wants versus; then
   if [ -f .peers/build_deepep.sh ]; then
     start=$(date +%s)
-    if bash .peers/build_deepep.sh .peers/deepep-v1-567632d.tar.gz /tmp/deepep-build > "$out/deepep-build.log" 2>&1; then
+    if bash .peers/build_deepep.sh .peers/deepep-v1-567632d.tar.gz /tmp/deepep-build >> "$setup_log" 2>&1; then
       echo "DeepEP V1 built in $(( $(date +%s) - start )) s"
       # shellcheck disable=SC2086
       PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} NVSHMEM_REMOTE_TRANSPORT=none \
@@ -63,7 +65,7 @@ if wants versus; then
         echo "normal mode vs DeepEP: skipped, DeepEP's normal kernels need 2+ GPUs (one rank per GPU)"
       fi
     else
-      tail -20 "$out/deepep-build.log"; status=1
+      tail -20 "$setup_log"; status=1
     fi
   else
     echo "versus: .peers/build_deepep.sh is missing (copy ../shared/peers into .peers/ and carry it)"; status=1

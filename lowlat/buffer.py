@@ -526,7 +526,8 @@ class Buffer:
         hook.done = True
         self.run(hook.receive)
         hook.handle = None
-        self.check_status()  # after the receive, so an error leaves no hook half-consumed
+        if self._status_host[0]:  # after the receive, so an error leaves no hook half-consumed
+            self.check_status()
 
     # -- status, masks, maintenance ---------------------------------------------------------------------
 

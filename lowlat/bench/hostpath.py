@@ -121,9 +121,11 @@ def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> 
 
 def launch_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> dict[str, float]:
     """Host microseconds per launch of an empty kernel, by launch flavour: through cuda-bindings with
-    ``cuLaunchKernel`` and with ``cuLaunchKernelEx`` (no attribute, and programmatic stream
-    serialisation as lowlat's PDL plans set it), and ``cuLaunchKernel`` called through ctypes
-    (what the Python binding's own conversion costs)."""
+    ``cuLaunchKernel`` (on the current stream, on another of torch's streams, on a non-blocking
+    stream: a launch on the legacy default stream may cost the driver more) and with
+    ``cuLaunchKernelEx`` (no attribute, and programmatic stream serialisation as lowlat's PDL plans
+    set it), and ``cuLaunchKernel`` called through ctypes (what the Python binding's own
+    conversion costs)."""
     import ctypes
 
     from cuda.bindings import driver
@@ -159,13 +161,21 @@ def launch_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -
     raw_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
     raw_launch.restype = ctypes.c_int
     raw_function = int(function)
+    side = torch.cuda.Stream(device)  # a blocking stream of torch's pool, when the current stream is the legacy default one
+    err, own = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+    assert not err, err
     launches = {
         "cuLaunchKernel (cuda-bindings)": lambda: driver.cuLaunchKernel(function, 1, 1, 1, 32, 1, 1, 0, stream, address, 0),
+        "  the same on another torch stream": lambda: driver.cuLaunchKernel(function, 1, 1, 1, 32, 1, 1, 0, side.cuda_stream, address, 0),
+        "  the same on a non-blocking stream": lambda: driver.cuLaunchKernel(function, 1, 1, 1, 32, 1, 1, 0, own, address, 0),
         "cuLaunchKernelEx, no attribute": lambda: driver.cuLaunchKernelEx(plain_config, function, address, 0),
         "cuLaunchKernelEx, PDL attribute": lambda: driver.cuLaunchKernelEx(pdl_config, function, address, 0),
         "cuLaunchKernel (ctypes)": lambda: raw_launch(raw_function, 1, 1, 1, 32, 1, 1, 0, stream, address, None),
     }
-    return {name: _median_us(call, count=count, repeats=repeats) for name, call in launches.items()}
+    costs = {name: _median_us(call, count=count, repeats=repeats) for name, call in launches.items()}
+    torch.cuda.synchronize(device)
+    driver.cuStreamDestroy(own)
+    return costs
 
 
 def run(argv=None) -> int:
