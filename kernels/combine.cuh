@@ -80,8 +80,7 @@ __device__ __forceinline__ void combine_send_phase(const __nv_bfloat16* __restri
     trace_mark<Cfg>(2);
     flush_puts();
     constexpr Scope kScope = peer_scope<Cfg>();
-    const unsigned working = working_blocks<Cfg>(static_cast<long long>(segments.total()) * kNumChunks);
-    if (blockIdx.x < working && finish_block<kScope>(blocks_done(state, kCombineSendDone), working)) {
+    if (finish_block<kScope>(blocks_done(state, kCombineSendDone))) {
         trace_raised_flags<Cfg>();
         for (int peer = threadIdx.x; peer < R; peer += blockDim.x)
             if (!rank.masked(peer)) signal<kScope>(peers, peer, Reg::combine_flag(parity, rank.id), seq + 1);

@@ -237,8 +237,7 @@ __device__ __forceinline__ void dispatch_send_phase(const __nv_bfloat16* __restr
     trace_mark<Cfg>(2);
     flush_puts();
     constexpr Scope kScope = peer_scope<Cfg>();
-    const unsigned working = working_blocks<Cfg>(E + num_tokens * kSlices);
-    if (blockIdx.x < working && finish_block<kScope>(blocks_done(state, kDispatchSendDone), working)) {
+    if (finish_block<kScope>(blocks_done(state, kDispatchSendDone))) {
         trace_raised_flags<Cfg>();
         for (int peer = threadIdx.x; peer < Cfg::kNumRanks; peer += blockDim.x)
             if (!rank.masked(peer)) signal<kScope>(peers, peer, Region<Cfg>::dispatch_flag(parity, rank.id), seq + 1);

@@ -35,16 +35,14 @@ __device__ __forceinline__ WaitResult wait_flag(const uint64_t* flag, uint64_t e
 // barrier, the pattern CUTLASS's semaphore uses) and counts the block in.  Returns true, in all
 // threads of that block, in the last block to finish, which may then publish the kernel's results
 // with release stores.  The last block also resets the counter for the next launch.
-// `arrivals`: how many blocks count in (every block of the grid, or only the blocks that have
-// writes to publish; see working_blocks).
 template <Scope kScope = Scope::kSystem>
-__device__ __forceinline__ bool finish_block(unsigned* counter, unsigned arrivals) {
+__device__ __forceinline__ bool finish_block(unsigned* counter) {
     __shared__ bool is_last;
     __syncthreads();
     if (threadIdx.x == 0) {
         fence_acq_rel<kScope>();
         const unsigned done = atomicAdd(counter, 1u) + 1u;
-        is_last = done == arrivals;
+        is_last = done == gridDim.x;
         if (is_last) {
             *counter = 0u;
             fence_acq_rel<kScope>();
@@ -52,22 +50,6 @@ __device__ __forceinline__ bool finish_block(unsigned* counter, unsigned arrival
     }
     __syncthreads();
     return is_last;
-}
-
-template <Scope kScope = Scope::kSystem>
-__device__ __forceinline__ bool finish_block(unsigned* counter) {
-    return finish_block<kScope>(counter, gridDim.x);
-}
-
-// The blocks that get at least one of `items` work items dealt to the grid's warps in turn (item i
-// to warp i, then i + gridDim.x * kNumWarps, ...): blocks [0, working_blocks).  The others have
-// nothing to publish, so only these count in before the flags go up: at small T a few blocks
-// instead of the whole grid contend for the counter.  At least one block counts in, so that
-// someone raises the flags when there is no item at all.
-template <class Cfg>
-__device__ __forceinline__ unsigned working_blocks(long long items) {
-    if constexpr (Cfg::kAllBlocksCountIn) return gridDim.x;  // the former rule, kept for A/B measurements
-    return static_cast<unsigned>(max(1ll, min(static_cast<long long>(gridDim.x), ceil_div(items, Cfg::kNumWarps))));
 }
 
 // Wait for the flag of every source rank (threads stride over ranks).  Sources masked before the

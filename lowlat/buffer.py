@@ -236,8 +236,7 @@ class Buffer:
         pdl = self.device.type == "cuda" and alone and torch.cuda.get_device_capability(self.device)[0] >= 9
         trace = os.environ.get("LOWLAT_TRACE") == "1"  # kernels/trace.cuh: per-phase cycles printed by the fused kernels
         return RankContext(
-            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device, trace=trace,
-                                all_blocks_count_in=os.environ.get("LOWLAT_ALL_BLOCKS_COUNT_IN") == "1"),
+            config=KernelConfig(self.layout, transport=flavour, peers_on_device=on_device, trace=trace),
             pdl=pdl,
             rank=self.rank,
             peer_bases=self.transport.peer_bases,

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence, Union
 Constant = Union[bool, int, float]
 TRANSPORT_FLAVOURS = ("peer", "nvshmem")  # kernels/transport.cuh: peer_transport.cuh or nvshmem_transport.cuh
 RANK_ARGS_BYTES = 48  # sizeof(lowlat::RankArgs), kernels/rank.cuh
-_HIDDEN_CONSTANT = re.compile(r"^kOff|Bytes$|Stride$|Rows$|^kNumLocalExperts$|^kNumWords$|^kNumWarps$|^kTrace$|^kAllBlocksCountIn$")
+_HIDDEN_CONSTANT = re.compile(r"^kOff|Bytes$|Stride$|Rows$|^kNumLocalExperts$|^kNumWords$|^kNumWarps$|^kTrace$")
 
 
 class ArgKind(enum.Enum):

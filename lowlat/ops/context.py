@@ -31,7 +31,6 @@ class KernelConfig:
     transport: str = "peer"
     peers_on_device: bool = False
     trace: bool = False  # kernels/trace.cuh: fused kernels print per-phase SM cycles (for profiling only)
-    all_blocks_count_in: bool = False  # kernels/signal.cuh working_blocks: the former hand-off (A/B measurements only)
 
     def __post_init__(self):
         if self.peers_on_device and self.transport != "peer":
@@ -39,7 +38,7 @@ class KernelConfig:
 
     def spec(self, header: str, kernel: str, signature, **flags) -> KernelSpec:
         constants = dict(self.layout.constants(), kNumWarps=self.num_warps, kPeersOnDevice=self.peers_on_device, kTrace=self.trace,
-                         kAllBlocksCountIn=self.all_blocks_count_in, **flags)
+                         **flags)
         return KernelSpec.make(header, kernel, signature, constants, transport=self.transport)
 
 
