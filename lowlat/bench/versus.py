@@ -9,7 +9,8 @@ default (hidden 7168, 288 experts, top-8, FP8 dispatch, bf16 combine).  For each
 * eager step: wall time of one dispatch + combine issued eagerly (fused mode), synchronised every
   30 steps, what an engine without graphs sees;
 * host: CPU time of one eager call (the Python + launch path), per mode, measured with the GPU idle
-  enough that the launch queue never blocks.
+  enough that the launch queue never blocks; in the two-call modes (a send and its hook, an
+  ``async_finish`` call and ``current_stream_wait()``) each call is also timed on its own.
 
 Eager and host figures alternate between the libraries burst by burst (15 bursts each), so that both
 see the same host conditions; the median is reported.
@@ -72,39 +73,65 @@ class Session:
         self.buffer.low_latency_combine(self.y, self.topk_idx, self.topk_weights, handle)
 
 
-def _interleaved_median_us(calls: dict[str, Callable[[], object]], *, count: int, repeats: int, wait_for_gpu: bool) -> dict[str, float]:
-    """Median microseconds per call of each of ``calls`` (by library), over ``repeats`` bursts of ``count``
-    calls that alternate between the libraries (in ABBA order), each burst starting on a drained GPU.
+def _bursts(calls: dict[str, Callable[[], object]], *, count: int, repeats: int, wait_for_gpu: bool, split: bool) -> dict[str, list]:
+    """Per library, one sample per burst of ``count`` calls: microseconds per call, or with ``split``
+    a pair (first part, the rest), each call returning the seconds of its first part.  Bursts
+    alternate between the libraries (in ABBA order), each starting on a drained GPU.
 
     ``wait_for_gpu``: a burst ends when the GPU is done (wall time), else when the host has issued it
     (host time).  Host speed on the shared machines drifts between runs and within one (bursts 1.5x
     apart); alternating the libraries burst by burst gives both the same conditions."""
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[str, list] = {name: [] for name in calls}
     order = list(calls.items())
     for repeat in range(repeats):
         for name, call in order if repeat % 2 == 0 else order[::-1]:  # ABBA: neither library always goes first
             torch.cuda.synchronize()
+            first = 0.0
             start = time.perf_counter()
             for _ in range(count):
-                call()
+                part = call()
+                if split:
+                    first += part
             if wait_for_gpu:
                 torch.cuda.synchronize()
-            samples[name].append((time.perf_counter() - start) / count * 1e6)
+            total = time.perf_counter() - start
+            samples[name].append((first / count * 1e6, (total - first) / count * 1e6) if split else total / count * 1e6)
     torch.cuda.synchronize()
+    return samples
+
+
+def _interleaved_median_us(calls: dict[str, Callable[[], object]], *, count: int, repeats: int, wait_for_gpu: bool) -> dict[str, float]:
+    """Median microseconds per call of each of ``calls`` (by library), over ``repeats`` bursts (see _bursts)."""
+    samples = _bursts(calls, count=count, repeats=repeats, wait_for_gpu=wait_for_gpu, split=False)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _interleaved_split_us(calls: dict[str, Callable[[], float]], *, count: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Host microseconds per call of each part of two-call modes (each call returns the seconds of its
+    first part): medians of (first part, the rest) over ``repeats`` bursts (see _bursts)."""
+    samples = _bursts(calls, count=count, repeats=repeats, wait_for_gpu=False, split=True)
+    return {name: (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)) for name, pairs in samples.items()}
+
+
 def _hooked(session: Session, kind: str):
+    """The send call, then its hook: returns the send call's seconds."""
     def call():
+        start = time.perf_counter()
         result = session.dispatch(return_recv_hook=True) if kind == "dispatch" else session.combine(return_recv_hook=True)
+        sent = time.perf_counter() - start
         result[-1]()
+        return sent
     return call
 
 
 def _async(session: Session, kind: str):
+    """The async_finish call, then ``event.current_stream_wait()``: returns the call's seconds."""
     def call():
+        start = time.perf_counter()
         result = session.dispatch(async_finish=True) if kind == "dispatch" else session.combine(async_finish=True)
+        issued = time.perf_counter() - start
         result[-2].current_stream_wait()
+        return issued
     return call
 
 
@@ -118,13 +145,18 @@ def measure(sessions: dict[str, Session], *, rounds: int, calls_per_graph: int, 
     steps = _interleaved_median_us({name: s.step for name, s in sessions.items()}, count=30, repeats=repeats, wait_for_gpu=True)
     for name, value in steps.items():
         results[name]["eager_step_us"] = value
-    modes = {"dispatch": lambda s: s.dispatch, "combine": lambda s: s.combine,
-             "dispatch_hook": lambda s: _hooked(s, "dispatch"), "combine_hook": lambda s: _hooked(s, "combine"),
-             "dispatch_async": lambda s: _async(s, "dispatch"), "combine_async": lambda s: _async(s, "combine")}
-    for mode, make in modes.items():
-        host = _interleaved_median_us({name: make(s) for name, s in sessions.items()}, count=40, repeats=repeats, wait_for_gpu=False)
+    for mode in ("dispatch", "combine"):
+        host = _interleaved_median_us({name: getattr(s, mode) for name, s in sessions.items()}, count=40, repeats=repeats,
+                                      wait_for_gpu=False)
         for name, value in host.items():
             results[name]["host_us"][mode] = value
+    # Two-call modes, each call timed on its own: the send and its hook; the async call and the wait.
+    # "<mode>" is the pair (the two parts of the same bursts), "<mode>_first" / "<mode>_second" each call.
+    for mode, make in (("dispatch_hook", lambda s: _hooked(s, "dispatch")), ("combine_hook", lambda s: _hooked(s, "combine")),
+                       ("dispatch_async", lambda s: _async(s, "dispatch")), ("combine_async", lambda s: _async(s, "combine"))):
+        host = _interleaved_split_us({name: make(s) for name, s in sessions.items()}, count=40, repeats=repeats)
+        for name, (first, second) in host.items():
+            results[name]["host_us"].update({mode: first + second, f"{mode}_first": first, f"{mode}_second": second})
     return results
 
 
@@ -169,6 +201,7 @@ def run(args, env, out) -> int:
               f"combine {l['graph_us']['combine']:.1f} vs {d['graph_us']['combine']:.1f} us, eager step "
               f"{l['eager_step_us']:.1f} vs {d['eager_step_us']:.1f} us (lowlat vs DeepEP)", flush=True)
     print(table(points))
+    print(per_call_table(points))
     for buffer in buffers.values():
         buffer.destroy()
     stem = f"versus-deepep-{env['device'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,6 +231,19 @@ def table(points: list[dict]) -> str:
             f"{h['dispatch_async']:>8.1f} {h['combine_async']:>8.1f}")
         lines.append(f"{'':>4} | {'':>21} {'':>21} | {'':>21} | DeepEP: {hd['dispatch']:.1f} {hd['combine']:.1f} "
                      f"{hd['dispatch_hook']:.1f} {hd['combine_hook']:.1f} {hd['dispatch_async']:.1f} {hd['combine_async']:.1f}")
+    return "\n".join(lines)
+
+
+def per_call_table(points: list[dict]) -> str:
+    """Host us of each call in the two-call modes: a send and its hook, an async call and its wait."""
+    modes = (("dispatch_hook", "send", "hook"), ("combine_hook", "send", "hook"), ("dispatch_async", "call", "wait"),
+             ("combine_async", "call", "wait"))
+    head = f"{'T':>4} | " + " | ".join(f"{mode + ': ' + a + ' / ' + b:>27}" for mode, a, b in modes)
+    lines = ["host us per call in the two-call modes, lowlat (DeepEP)", head, "-" * len(head)]
+    for p in points:
+        l, d = p["lowlat"]["host_us"], p["deepep"]["host_us"]
+        cells = [f"{l[m + '_first']:.1f} / {l[m + '_second']:.1f} ({d[m + '_first']:.1f} / {d[m + '_second']:.1f})" for m, _, _ in modes]
+        lines.append(f"{p['num_tokens']:>4} | " + " | ".join(f"{c:>27}" for c in cells))
     return "\n".join(lines)
 
 
