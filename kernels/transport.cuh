@@ -13,6 +13,8 @@
 //   struct Peers { const uint64_t* bases; int rank; }    bases[r]: rank r's region as mapped here (0: puts only)
 //     local(offset)                                      this rank's region
 //     by_pointer(peer)                                   whether writes to `peer` are plain stores
+//     remote(peer, offset)                               `peer`'s region as mapped here, for writes composed in
+//                                                        place (a quantised slice); only where by_pointer(peer)
 //     kMayPut                                            false when by_pointer() is always true
 //   put_warp<Word>(peers, peer, dst_offset, src, bytes)  a message of whole Words (int4 or uint32_t)
 //   put_u32 / put_u64(peers, peer, dst_offset, value)    one word
