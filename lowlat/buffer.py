@@ -29,7 +29,7 @@ from .errors import (ArgumentError, ArgumentTypeError, DeviceError, GraphCapture
 from .handle import DispatchHandle, EventOverlap, RecvHook
 from .layout import BufferShape, RegionLayout, StateWord, StatusCode
 from .jit.compiler import capturing
-from .jit.launch import context_ready, ensure_context, raw_stream_getter
+from .jit.launch import context_ready, current_stream_handle, ensure_context
 from .ops.context import KernelConfig, RankContext
 from .outputs import CombineOutput, OutputSet, Pool
 from .streams import EventRing, RawEvent
@@ -75,9 +75,6 @@ class MemoryReport:
             zero_copy_buffers=2 * s.num_local_experts * s.rows_per_expert * s.hidden * 2 if enable_zero_copy else 0,
             device_state=StateWord.NUM_STATE_WORDS * 8 + s.num_ranks * 4,
         )
-
-
-_current_raw_stream = raw_stream_getter()
 
 
 def _on_own_device(method):
@@ -485,7 +482,7 @@ class Buffer:
         graph orders replays, and a captured event must not be queried later, so none is attached
         there."""
         comm = self._comm_handle
-        self._fork.record(_current_raw_stream(self._device_index))
+        self._fork.record(current_stream_handle(self._device_index))
         self._fork.wait(comm)
         launch(*args, stream=comm)
         event = self._events.next()

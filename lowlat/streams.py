@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from .errors import DeviceError
-from .jit.launch import ensure_context, raw_stream_getter
+from .jit.launch import current_stream_handle, ensure_context
 
 EVENT_RING = 64
-_current_raw_stream = raw_stream_getter()
 
 
 class RawEvent:
@@ -40,7 +39,7 @@ class RawEvent:
     def wait(self, stream=None) -> None:
         """Make ``stream`` (a raw handle, a torch stream, or None: the current stream) wait for the event."""
         if stream is None:
-            stream = _current_raw_stream(self.device_index)
+            stream = current_stream_handle(self.device_index)
         elif isinstance(stream, torch.cuda.Stream):
             stream = stream.cuda_stream
         (err,) = self._driver.cuStreamWaitEvent(stream, self.handle, 0)

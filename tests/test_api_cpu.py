@@ -438,7 +438,7 @@ def test_async_calls_fork_to_the_comm_stream_and_hand_back_an_event(monkeypatch)
     fork, done = _RecordedEvent(), _RecordedEvent()
     monkeypatch.setattr(buffer, "_fork", fork, raising=False)
     monkeypatch.setattr(buffer, "_events", type("Ring", (), {"next": staticmethod(lambda: done)})(), raising=False)
-    monkeypatch.setattr(buffer_module, "_current_raw_stream", lambda index: 77)
+    monkeypatch.setattr(buffer_module, "current_stream_handle", lambda index: 77)
     monkeypatch.setattr(buffer, "run", lambda call, *args, **kwargs: call(*args, **kwargs))
     launches = []
     monkeypatch.setattr(buffer._engine, "dispatch", lambda *args, stream=None: launches.append(("dispatch", stream)))

@@ -204,17 +204,18 @@ def run(argv=None) -> int:
     print(f"host path of lowlat's DeepEP facade on one {torch.cuda.get_device_name(device)}: EP1, T={args.tokens}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, FP8 dispatch, bf16 combine; us per call (medians of 15 bursts of 40, "
           "plain and wrapped bursts alternating; the rest is wrapped time minus driver time, burst by burst)")
-    plans = [plan for inner in buffer._buffers.values() for plan in inner._engine.plans()]
-    if any(plan.pdl for plan in plans):  # the plain calls again with plain launches, to price PDL's launch path
+    with_pdl = [plan for inner in buffer._buffers.values() for plan in inner._engine.plans() if plan.pdl]
+    if with_pdl:  # the plain calls again with plain launches, to price PDL's launch path
         modes.update({f"{mode}, PDL off": modes[mode] for mode in ("dispatch", "combine", "eager step (d + c)")})
     for mode, call in modes.items():
-        with_pdl = [plan for plan in plans if plan.pdl]
-        if mode.endswith("PDL off"):
+        pdl_off = mode.endswith("PDL off")
+        if pdl_off:
             for plan in with_pdl:
                 plan.use_pdl(False)
         part = split(call, count=40, repeats=15)
-        for plan in with_pdl:
-            plan.use_pdl(True)
+        if pdl_off:
+            for plan in with_pdl:
+                plan.use_pdl(True)
         detail = ", ".join(f"{label} {n:g}x {us:.1f}" for label, (n, us) in sorted(part["kinds"].items()))
         print(f"  {mode:<22} {part['host']:6.1f} us: driver calls {part['driver']:5.1f} us ({detail}); the rest {part['rest']:5.1f} us")
     print("each kind of call alone, us:")

@@ -46,10 +46,16 @@ def ensure_context(device_index: int) -> None:
         _thread_state.device = device_index
 
 
+_raw_stream = None  # raw_stream_getter(), resolved on first use
+
+
 def current_stream_handle(device_index: int) -> int:
     """The raw ``cudaStream_t`` PyTorch considers current on ``device_index`` (capture streams too).
-    Hot paths bind :func:`raw_stream_getter` once instead."""
-    return raw_stream_getter()(device_index)
+    The engine's launch path binds :func:`raw_stream_getter` once instead."""
+    global _raw_stream
+    if _raw_stream is None:
+        _raw_stream = raw_stream_getter()
+    return _raw_stream(device_index)
 
 
 def raw_stream_getter():
