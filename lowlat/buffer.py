@@ -308,7 +308,8 @@ class Buffer:
             check.routing(topk_idx, s.num_experts, num_tokens)
 
         on_comm_stream = async_finish and self._device_index is not None  # a CPU Buffer runs async calls in place
-        outputs = self._take_outputs(on_comm_stream)
+        capture = (on_comm_stream or self.fresh_outputs) and capturing()  # asked once per call, where it matters
+        outputs = self._take_outputs(on_comm_stream, capture)
         handle = DispatchHandle(self.buffer_id, outputs, outputs.generation, n, num_tokens_device, s.max_tokens_per_rank,
                                 s.hidden, s.num_experts)
         if self.fresh_outputs:
@@ -323,7 +324,8 @@ class Buffer:
             return recv_x, recv_count, handle, event, hook
         args = (x, topk_idx, num_tokens, num_tokens_device, use_fp8, round_scale, out, use_ue8m0, recv_stats, wait_stats)
         if on_comm_stream:
-            event = self._issue_async(engine.dispatch, args, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,))
+            event = self._issue_async(engine.dispatch, args, (x, topk_idx, num_tokens_device, recv_stats, wait_stats), (outputs,),
+                                      capture)
             return recv_x, recv_count, handle, event, None
         engine.dispatch(*args)  # both halves, one launch on the caller's stream
         return recv_x, recv_count, handle, _NO_EVENT, None
@@ -339,13 +341,18 @@ class Buffer:
                 return call(*args, **kwargs)
         return call(*args, **kwargs)
 
-    def _take_outputs(self, on_comm_stream: bool) -> OutputSet:
+    def _take_outputs(self, on_comm_stream: bool, capture: bool) -> OutputSet:
+        """The dispatch's output set: a static one in turn, or a fresh one (``capture``: whether the
+        caller's stream is capturing, asked by the caller for fresh outputs and async calls)."""
         self._dispatches += 1
         if not self.fresh_outputs:
             outputs = self._static[self._dispatches & 1]
-            if outputs.pending_event is not None and not capturing():
-                outputs.claim(on_comm_stream)  # an async dispatch may still write this set, or an async combine read its layout
-        elif capturing():
+            # An async dispatch may still write this set, or an async combine read its layout: a user
+            # on the caller's stream waits for that event.  An async call needs no claim: it runs
+            # after it on the comm stream, and _issue_async replaces the set's event with its own.
+            if outputs.pending_event is not None and not on_comm_stream and not capturing():
+                outputs.claim()
+        elif capture:
             outputs = OutputSet(self.shape, self.device)  # from the graph's memory pool; lives with the graph
         else:
             outputs = self._output_pool.acquire(on_comm_stream)
@@ -407,8 +414,9 @@ class Buffer:
 
         on_comm_stream = async_finish and self._device_index is not None  # a CPU Buffer runs async calls in place
         reusable = ()
+        capture = (out is None or on_comm_stream) and capturing()  # asked once per call
         if out is None:
-            if capturing():
+            if capture:
                 out = torch.empty(n, s.hidden, dtype=torch.bfloat16, device=self.device)
             else:
                 entry = self._combine_pool.acquire(on_comm_stream)
@@ -426,7 +434,7 @@ class Buffer:
             # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
             theirs = ((x, topk_idx, topk_weights, wait_stats, num_tokens_device) + (() if zero_copy else (source,))
                       + (() if reusable else (out,)))
-            return out, self._issue_async(engine.combine, args, theirs, reusable + (handle.outputs,)), None
+            return out, self._issue_async(engine.combine, args, theirs, reusable + (handle.outputs,), capture), None
         engine.combine(*args)  # both halves, one launch on the caller's stream
         return out, _NO_EVENT, None
 
@@ -474,21 +482,21 @@ class Buffer:
         self._pending[kind].append(hook)
         return _NO_EVENT, hook
 
-    def _issue_async(self, launch, args: tuple, keep: tuple, reusable: tuple) -> EventOverlap:
+    def _issue_async(self, launch, args: tuple, keep: tuple, reusable: tuple, capture: bool) -> EventOverlap:
         """``launch(*args, stream=...)`` (both halves at once) on the comm stream, after the caller's
         stream: ``async_finish``.  ``keep`` (the caller's tensors the kernels touch) is held until
         they are done, and ``reusable`` (the Buffer's own output sets) gets the call's event, which
         their next user on another stream waits for (outputs.py ``claim``).  Inside a capture the
         graph orders replays, and a captured event must not be queried later, so none is attached
-        there."""
+        there (``capture``: whether the caller's stream is capturing, asked once by the caller)."""
         comm = self._comm_handle
         self._fork.record(current_stream_handle(self._device_index))
         self._fork.wait(comm)
         launch(*args, stream=comm)
         event = self._events.next()
         event.record(comm)
-        self._hold_until_done(event, keep)
-        if not capturing():
+        if not capture:
+            self._hold_until_done(event, keep)
             for item in reusable:
                 item.pending_event = event
         return EventOverlap(event, keep)
@@ -500,9 +508,8 @@ class Buffer:
         Every async call of a Buffer runs on its one comm stream, so the calls finish in order: once
         the newest held call is done, all are.  That one event is queried every ``_PRUNE_EVERY``
         calls (a query is a driver call, several microseconds on some hosts), and at
-        ``_KEEP_ALIVE_LIMIT`` held calls the oldest is waited for."""
-        if capturing():
-            return
+        ``_KEEP_ALIVE_LIMIT`` held calls the oldest is waited for.  Not inside a capture (the graph
+        holds what it uses)."""
         in_flight = self._in_flight
         held = len(in_flight)
         if held >= _KEEP_ALIVE_LIMIT:

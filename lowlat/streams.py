@@ -40,7 +40,7 @@ class RawEvent:
         """Make ``stream`` (a raw handle, a torch stream, or None: the current stream) wait for the event."""
         if stream is None:
             stream = current_stream_handle(self.device_index)
-        elif isinstance(stream, torch.cuda.Stream):
+        elif stream.__class__ is not int and isinstance(stream, torch.cuda.Stream):  # a raw handle is the hot path
             stream = stream.cuda_stream
         (err,) = self._driver.cuStreamWaitEvent(stream, self.handle, 0)
         if err:

@@ -439,6 +439,8 @@ def test_async_calls_fork_to_the_comm_stream_and_hand_back_an_event(monkeypatch)
     monkeypatch.setattr(buffer, "_fork", fork, raising=False)
     monkeypatch.setattr(buffer, "_events", type("Ring", (), {"next": staticmethod(lambda: done)})(), raising=False)
     monkeypatch.setattr(buffer_module, "current_stream_handle", lambda index: 77)
+    probes = []  # the capture probe is a call into the driver on a GPU: an async call asks it once
+    monkeypatch.setattr(buffer_module, "capturing", lambda: probes.append(1) is None and False)
     monkeypatch.setattr(buffer, "run", lambda call, *args, **kwargs: call(*args, **kwargs))
     launches = []
     monkeypatch.setattr(buffer._engine, "dispatch", lambda *args, stream=None: launches.append(("dispatch", stream)))
@@ -450,13 +452,23 @@ def test_async_calls_fork_to_the_comm_stream_and_hand_back_an_event(monkeypatch)
         assert hook is None and event.event is done and event.extra_tensors[0] is inputs.x
         assert fork.recorded_on == [77] and fork.waits == 1 and done.recorded_on == [1234]
         assert handle.outputs.pending_event is done and buffer._in_flight[-1][0] is done
+        assert len(probes) == 1
         y = torch.zeros(buffer.shape.num_local_experts, buffer.shape.rows_per_expert, buffer.shape.hidden, dtype=torch.bfloat16,
                         device="cpu")
         out, event, hook = buffer.low_latency_combine(y, inputs.topk_idx, inputs.topk_weights, handle, async_finish=True)
         assert hook is None and event.event is done and any(t is y for t in event.extra_tensors)
-        assert launches == [("dispatch", 1234), ("combine", 1234)]
+        assert launches == [("dispatch", 1234), ("combine", 1234)] and len(probes) == 2
         buffer.low_latency_dispatch(inputs.x, inputs.topk_idx)  # a plain call: the caller's stream
         assert launches[-1] == ("dispatch", None)
+        # The static set the first call used comes round again (every other dispatch).  An async
+        # call takes it without a wait (it runs after that event on the same comm stream) and leaves
+        # its own event there; a plain call on the caller's stream waits for that event first.
+        assert done.waits == 0
+        _, _, again, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, async_finish=True)
+        assert again.outputs is handle.outputs and done.waits == 0 and again.outputs.pending_event is done
+        buffer.low_latency_dispatch(inputs.x, inputs.topk_idx)
+        _, _, last, _, _ = buffer.low_latency_dispatch(inputs.x, inputs.topk_idx)
+        assert last.outputs is handle.outputs and done.waits == 1 and last.outputs.pending_event is None
     finally:
         buffer._in_flight.clear()
         for outputs in buffer._static:

@@ -20,8 +20,10 @@ from typing import Callable
 
 import torch
 
+from ..jit.compiler import capturing
 from ..jit.launch import LaunchPlan, current_stream_handle
 from ..streams import RawEvent
+from .timing import host_burst
 
 DRIVER_CALLS = ((LaunchPlan, "launch_on", "launch"), (RawEvent, "record", "event record"), (RawEvent, "wait", "stream wait"),
                 (RawEvent, "query", "event query"), (RawEvent, "synchronize", "event sync"))
@@ -74,10 +76,10 @@ def split(call: Callable[[], object], *, count: int, repeats: int, targets=DRIVE
     clock = DriverClock(targets)
     plain, rest, driver = [], [], []
     for _ in range(repeats):
-        plain.append(_burst_us(call, count))
+        plain.append(host_burst(call, count))
         before = sum(clock.seconds.values())
         with clock:
-            wrapped = _burst_us(call, count)
+            wrapped = host_burst(call, count)
         spent = (sum(clock.seconds.values()) - before) / count * 1e6
         driver.append(spent)
         rest.append(wrapped - spent)
@@ -86,16 +88,7 @@ def split(call: Callable[[], object], *, count: int, repeats: int, targets=DRIVE
 
 
 def _median_us(call: Callable[[], object], *, count: int, repeats: int) -> float:
-    return statistics.median(_burst_us(call, count) for _ in range(repeats))
-
-
-def _burst_us(call: Callable[[], object], count: int) -> float:
-    """Host us per call of ``count`` calls issued on a drained device."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(count):
-        call()
-    return (time.perf_counter() - start) / count * 1e6
+    return statistics.median(host_burst(call, count) for _ in range(repeats))
 
 
 def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> dict[str, float]:
@@ -113,6 +106,7 @@ def bare_costs(device: torch.device, *, count: int = 200, repeats: int = 15) -> 
         "RawEvent.wait (cuStreamWaitEvent)": _median_us(lambda: raw.wait(stream), count=count, repeats=repeats),
         "RawEvent.query, done (cuEventQuery)": _median_us(raw.query, count=count, repeats=repeats),
         "torch current raw stream": _median_us(lambda: current_stream_handle(index), count=count, repeats=repeats),
+        "capture probe (lowlat capturing())": _median_us(capturing, count=count, repeats=repeats),
         "torch.cuda.Event() + record": _median_us(lambda: torch.cuda.Event().record(), count=count, repeats=repeats),
         "torch Stream.wait_event": _median_us(lambda: torch.cuda.current_stream().wait_event(event), count=count, repeats=repeats),
         "torch.empty, 1 MiB": _median_us(lambda: torch.empty(2**20, dtype=torch.uint8, device=device), count=count, repeats=repeats),

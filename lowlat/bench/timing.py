@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -53,6 +54,24 @@ def time_replays(fn: Callable[[], None], *, calls_per_graph: int = 20, rounds: i
         samples.append(start.elapsed_time(end) * 1e3 / (replays_per_round * calls_per_graph))
     del graph
     return Timing(statistics.median(samples), min(samples), max(samples), rounds)
+
+
+def host_burst(call: Callable[[], object], count: int, *, wait_for_gpu: bool = False, split: bool = False):
+    """One burst of ``count`` calls of ``call`` issued on a drained device: microseconds per call of
+    host time, or of wall time with ``wait_for_gpu`` (the burst ends when the device is done).  With
+    ``split`` each call returns the seconds of its first part, and the burst gives the pair (first
+    part, the rest) per call."""
+    torch.cuda.synchronize()
+    first = 0.0
+    start = time.perf_counter()
+    for _ in range(count):
+        part = call()
+        if split:
+            first += part
+    if wait_for_gpu:
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    return (first / count * 1e6, (total - first) / count * 1e6) if split else total / count * 1e6
 
 
 def kernel_times(fn: Callable[[], None], names: tuple[str, ...], *, iterations: int = 20) -> dict[str, float]:

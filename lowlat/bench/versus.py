@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .timing import time_replays
+from .timing import host_burst, time_replays
 
 LIBRARIES = ("deepep", "lowlat")
 
@@ -85,17 +85,7 @@ def _bursts(calls: dict[str, Callable[[], object]], *, count: int, repeats: int,
     order = list(calls.items())
     for repeat in range(repeats):
         for name, call in order if repeat % 2 == 0 else order[::-1]:  # ABBA: neither library always goes first
-            torch.cuda.synchronize()
-            first = 0.0
-            start = time.perf_counter()
-            for _ in range(count):
-                part = call()
-                if split:
-                    first += part
-            if wait_for_gpu:
-                torch.cuda.synchronize()
-            total = time.perf_counter() - start
-            samples[name].append((first / count * 1e6, (total - first) / count * 1e6) if split else total / count * 1e6)
+            samples[name].append(host_burst(call, count, wait_for_gpu=wait_for_gpu, split=split))
     torch.cuda.synchronize()
     return samples
 
