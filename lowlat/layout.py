@@ -67,28 +67,41 @@ class StatusCode(enum.IntEnum):
     ROUTE_OVERFLOW = 7
 
 
-def check_ep_shape(shape, fields: tuple[str, ...], *, max_ranks: int | None = None, max_experts: int = MAX_EXPERTS) -> None:
-    """The checks every expert-parallel shape shares (low-latency and normal mode): each of ``fields``
-    a positive int, at most ``max_ranks`` ranks, hidden a multiple of 128, experts a multiple of the
-    ranks and at most ``max_experts``."""
-    for name in fields:
-        value = getattr(shape, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ArgumentError(f"{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ArgumentError(f"{name} must be >= 1, got {value}")
-    if max_ranks is not None and shape.num_ranks > max_ranks:
-        raise ArgumentError(f"num_ranks={shape.num_ranks} exceeds the supported maximum {max_ranks}")
-    if shape.hidden % 128:
-        raise ArgumentError(f"hidden must be a multiple of 128, got {shape.hidden}")
-    if shape.num_experts % shape.num_ranks:
-        raise ArgumentError(f"num_experts={shape.num_experts} must be divisible by num_ranks={shape.num_ranks}")
-    if shape.num_experts > max_experts:
-        raise ArgumentError(f"num_experts={shape.num_experts} exceeds the supported maximum {max_experts}")
+class ExpertParallelShape:
+    """What every expert-parallel shape shares (low-latency ``BufferShape``, normal-mode
+    ``NormalShape``): the checks of ``num_ranks``, ``num_experts`` and ``hidden``, and the counts
+    derived from them.  Subclasses are frozen dataclasses with those fields."""
+
+    def check(self, fields: tuple[str, ...], *, max_ranks: int | None = None, max_experts: int = MAX_EXPERTS) -> None:
+        """Each of ``fields`` a positive int, at most ``max_ranks`` ranks, hidden a multiple of 128,
+        experts a multiple of the ranks and at most ``max_experts``."""
+        for name in fields:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ArgumentError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {value}")
+        if max_ranks is not None and self.num_ranks > max_ranks:
+            raise ArgumentError(f"num_ranks={self.num_ranks} exceeds the supported maximum {max_ranks}")
+        if self.hidden % 128:
+            raise ArgumentError(f"hidden must be a multiple of 128, got {self.hidden}")
+        if self.num_experts % self.num_ranks:
+            raise ArgumentError(f"num_experts={self.num_experts} must be divisible by num_ranks={self.num_ranks}")
+        if self.num_experts > max_experts:
+            raise ArgumentError(f"num_experts={self.num_experts} exceeds the supported maximum {max_experts}")
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+    @property
+    def num_groups(self) -> int:
+        """fp32 FP8 scales per token (one per 128 channels)."""
+        return self.hidden // 128
 
 
 @dataclasses.dataclass(frozen=True)
-class BufferShape:
+class BufferShape(ExpertParallelShape):
     """Every static shape of a low-latency Buffer.
 
     ``num_ranks`` R, ``num_experts`` E (a multiple of R), ``num_topk`` K, ``hidden`` H (a multiple
@@ -102,20 +115,11 @@ class BufferShape:
     max_tokens_per_rank: int
 
     def __post_init__(self):
-        check_ep_shape(self, ("num_ranks", "num_experts", "num_topk", "hidden", "max_tokens_per_rank"))
+        self.check(("num_ranks", "num_experts", "num_topk", "hidden", "max_tokens_per_rank"))
         if self.num_topk > min(MAX_TOPK, self.num_experts):
             raise ArgumentError(f"num_topk={self.num_topk} must be <= min({MAX_TOPK}, num_experts={self.num_experts})")
         if self.max_tokens_per_rank * MAX_TOPK >= 2**31:
             raise ArgumentError(f"max_tokens_per_rank={self.max_tokens_per_rank} is too large")
-
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts // self.num_ranks
-
-    @property
-    def num_groups(self) -> int:
-        """fp32 scales per token (one per 128 channels)."""
-        return self.hidden // 128
 
     @property
     def num_ue8m0_words(self) -> int:

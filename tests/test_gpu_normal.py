@@ -10,6 +10,7 @@ import torch
 
 from conftest import requires_gpu
 from lowlat import reference
+from lowlat.bench.normal import replay_on_comm_streams
 from lowlat.errors import NormalTimeoutError, RoutingError
 from lowlat.normal import NormalBuffer, NormalConfig
 from normal_helpers import (assert_same, check_combine, check_dispatch, expert_outputs, make_inputs, reference_dispatch, round_trip,
@@ -135,13 +136,7 @@ def test_num_worst_tokens_eager_and_graph_replay(num_ranks):
         refs = reference_dispatch(static, shape["num_experts"], fp8=True, expert_alignment=8)
         for y, ref in zip(ys, refs):  # expert outputs the graph's combine will read
             y.copy_(torch.randn(worst, shape["hidden"], generator=torch.Generator().manual_seed(replay)).to(torch.bfloat16).cuda())
-        current = torch.cuda.current_stream()
-        for b, graph in zip(buffers, graphs):
-            b.get_comm_stream().wait_stream(current)
-            with torch.cuda.stream(b.get_comm_stream()):
-                graph.replay()
-        for b in buffers:
-            current.wait_stream(b.get_comm_stream())
+        replay_on_comm_streams(buffers, graphs)
         torch.cuda.synchronize()
         for b in buffers:
             b.check_status()

@@ -187,6 +187,18 @@ class TorchNormal:
         self.out.copy_(acc.to(torch.bfloat16))
 
 
+def replay_on_comm_streams(buffers, graphs) -> None:
+    """Replay each rank's graph on its NormalBuffer's comm stream (where it was captured), all of them
+    after the current stream's work and concurrently; the current stream then waits for every one."""
+    current = torch.cuda.current_stream()
+    for b, graph in zip(buffers, graphs):
+        b.get_comm_stream().wait_stream(current)
+        with torch.cuda.stream(b.get_comm_stream()):
+            graph.replay()
+    for b in buffers:
+        current.wait_stream(b.get_comm_stream())
+
+
 def _time_concurrent(buffers, step, rounds: int, calls_per_graph: int) -> float:
     """Microseconds per call: every rank's ``step(rank, buffer)`` captured ``calls_per_graph`` times in
     its own graph; the R graphs replayed concurrently on the ranks' streams, timed with events."""
@@ -201,22 +213,13 @@ def _time_concurrent(buffers, step, rounds: int, calls_per_graph: int) -> float:
         graphs.append(graph)
     torch.cuda.synchronize()
 
-    def replay_all():
-        current = torch.cuda.current_stream()
-        for b, graph in zip(buffers, graphs):
-            b.get_comm_stream().wait_stream(current)
-            with torch.cuda.stream(b.get_comm_stream()):
-                graph.replay()
-        for b in buffers:
-            current.wait_stream(b.get_comm_stream())
-
-    replay_all()
+    replay_on_comm_streams(buffers, graphs)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(rounds):
         start.record()
-        replay_all()
+        replay_on_comm_streams(buffers, graphs)
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / calls_per_graph)

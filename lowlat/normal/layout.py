@@ -32,7 +32,7 @@ import dataclasses
 import enum
 
 from ..errors import ArgumentError
-from ..layout import check_ep_shape
+from ..layout import ExpertParallelShape
 
 ALIGN = 128
 MAX_RANKS = 32  # one lane per destination rank in the warp-level send loops
@@ -64,7 +64,7 @@ class NormalStatus(enum.IntEnum):
 
 
 @dataclasses.dataclass(frozen=True)
-class NormalShape:
+class NormalShape(ExpertParallelShape):
     """Every static shape of a NormalBuffer.
 
     ``num_ranks`` R (at most 32), ``num_experts`` E (a multiple of R, at most 2048), ``hidden`` H
@@ -79,21 +79,12 @@ class NormalShape:
     max_topk: int = 16
 
     def __post_init__(self):
-        check_ep_shape(self, ("num_ranks", "num_experts", "hidden", "max_tokens_per_rank", "max_topk"), max_ranks=MAX_RANKS,
-                       max_experts=MAX_EXPERTS)
+        self.check(("num_ranks", "num_experts", "hidden", "max_tokens_per_rank", "max_topk"), max_ranks=MAX_RANKS,
+                   max_experts=MAX_EXPERTS)
         if self.max_topk > MAX_TOPK:
             raise ArgumentError(f"max_topk={self.max_topk} exceeds the supported maximum {MAX_TOPK}")
         if self.num_ranks * self.max_tokens_per_rank >= 2**31:
             raise ArgumentError(f"max_tokens_per_rank={self.max_tokens_per_rank} is too large for {self.num_ranks} ranks")
-
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts // self.num_ranks
-
-    @property
-    def num_groups(self) -> int:
-        """fp32 FP8 scales per token (one per 128 channels)."""
-        return self.hidden // 128
 
     @property
     def max_recv_tokens(self) -> int:
