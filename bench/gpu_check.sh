@@ -3,7 +3,7 @@
 # are preinstalled there; the CCCL headers wheel travels in .whl/), run the GPU tests and the
 # benchmarks, and leave the logs, JSON records and plots in the folder given as the first argument.
 #
-#   bash bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all, or several: tests,hostpath]
+#   bash bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|ab|all, or several: tests,hostpath]
 #   PYTEST_ARGS="-k graphs" BENCH_ARGS="--ranks 1,8 --hook" SWEEP_ARGS="--ranks 8" VERSUS_ARGS="--tokens 4,128" \
 #       TRACE_ARGS="--tokens 1,128" bash bench/gpu_check.sh OUT all
 #
@@ -12,11 +12,15 @@
 # 2+ GPUs `python -m lowlat.bench.normal --baseline deepep` (normal mode, one rank per GPU).
 # trace: `python -m lowlat.bench.trace`, the fused kernels' phases (kernels/trace.cuh) at EP1.
 # hostpath: `python -m lowlat.bench.hostpath`, an eager call's host time split into driver calls and the rest.
+# ab (only by name, not in all): a branch beside this checkout in one run (bench/ab.sh: a git worktree
+# in AB_DIR, default .ab/branch; carry .ab), the arms' lines in ab.txt.
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|all]}
+out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|ab|all]}
 what=${2:-all}
 # wants TARGET: whether TARGET is among the comma-separated targets asked for (or all of them are).
 wants() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
+# wants_named TARGET: only when asked for by name (targets that need more than this checkout).
+wants_named() { [[ ",$what," == *",$1,"* ]]; }
 mkdir -p "$out"
 # Never create NVLink multicast objects on the shared machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -88,5 +92,8 @@ if wants hostpath; then
   # shellcheck disable=SC2086
   python3 -m lowlat.bench.hostpath ${HOSTPATH_ARGS:-} 2>&1 | tee "$out/hostpath.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if wants_named ab; then
+  bash bench/ab.sh "$out" || status=1
 fi
 exit "$status"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A branch beside this checkout, measured in one run on one machine (bench/gpu_check.sh OUT ab calls
+# this; it needs lowlat installed, as gpu_check.sh does first).
+#
+#   AB_DIR=.ab/branch AB_ROUNDS=2 AB_ENV=NAME=VALUE AB_ARGS="..." bash bench/ab.sh OUT
+#
+# The branch is a git worktree in AB_DIR (`git worktree add .ab/branch BRANCH`; carry .ab to the
+# device, which gets working trees, not history).  `python -m lowlat.bench $AB_ARGS` (default: EP1,
+# 288 experts, T = 1..256, graph replays) runs from this checkout ("main") and from the worktree
+# ("branch") alternately, AB_ROUNDS times; the current directory comes first on sys.path, so each
+# arm runs its own package and kernels.  AB_ENV adds a third arm: the worktree with that variable
+# set (a switch inside one build).  Each arm's per-point lines go to OUT/ab.txt.
+set -uo pipefail
+out=${1:?usage: bench/ab.sh OUT}
+ab_dir=${AB_DIR:-.ab/branch}
+mkdir -p "$out"
+if [ ! -d "$ab_dir/lowlat" ] || [ ! -d "$ab_dir/kernels" ]; then
+  echo "ab: no worktree in $ab_dir (git worktree add $ab_dir BRANCH, and carry its top folder)"
+  exit 1
+fi
+root=$PWD
+branch=$(cd "$ab_dir" && pwd)  # AB_DIR relative to this checkout, or absolute
+status=0
+
+# arm NAME DIR [NAME=VALUE]: one run of the bench from DIR with its own kernel cache.
+arm() {
+  echo "== $1"
+  (cd "$2" && PYTHONPATH="$PWD" python3 -c 'import lowlat; print("package:", lowlat.__file__)' && env ${3:+"$3"} LOWLAT_CACHE_DIR="/tmp/lowlat-cache-ab-$1" PYTHONPATH="$PWD" \
+    python3 -m lowlat.bench ${AB_ARGS:---ranks 1 --experts 288 --tokens 1,4,32,128,256} --out "/tmp/ab-$1" 2>&1 \
+    | grep -E "^ +[0-9]+ +[0-9]+ +\||correct|rror|CPU")
+}
+
+: > "$out/ab.txt"
+for _ in $(seq "${AB_ROUNDS:-2}"); do
+  arm main "$root" >> "$out/ab.txt" 2>&1 || status=1
+  arm branch "$branch" >> "$out/ab.txt" 2>&1 || status=1
+  if [ -n "${AB_ENV:-}" ]; then
+    arm "branch+$AB_ENV" "$branch" "$AB_ENV" >> "$out/ab.txt" 2>&1 || status=1
+  fi
+done
+cat "$out/ab.txt"
+exit "$status"

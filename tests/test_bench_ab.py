@@ -1,0 +1,39 @@
+"""bench/ab.sh on the CPU: a branch (here a copy of this checkout's package and kernels) and this
+checkout run alternately, each from its own tree, and each arm's lines land in OUT/ab.txt.  On a
+machine without a GPU each arm runs the bench's CPU reference path, which says so."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "--ranks 1 --experts 8 --tokens 2 --hidden 256"
+
+
+def _run(tmp_path, branch_dir, **env):
+    environment = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], AB_DIR=str(branch_dir),
+                       AB_ROUNDS="1", AB_ARGS=TINY, **env)
+    return subprocess.run(["bash", str(ROOT / "bench" / "ab.sh"), str(tmp_path / "out")], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_arms_run_their_own_trees_and_log_to_ab_txt(tmp_path):
+    branch = tmp_path / "branch"
+    for part in ("lowlat", "kernels", "graphs"):
+        shutil.copytree(ROOT / part, branch / part, ignore=shutil.ignore_patterns("__pycache__"))
+    done = _run(tmp_path, branch, AB_ENV="LOWLAT_TRACE=0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "out" / "ab.txt").read_text()
+    arms = [line for line in log.splitlines() if line.startswith("== ")]
+    assert arms == ["== main", "== branch", "== branch+LOWLAT_TRACE=0"]
+    packages = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("package: ")]
+    assert packages == [str(ROOT / "lowlat" / "__init__.py"), str(branch / "lowlat" / "__init__.py"),
+                        str(branch / "lowlat" / "__init__.py")]
+    assert log.count("correct: ") == 3, log
+
+
+def test_a_missing_worktree_is_named(tmp_path):
+    done = _run(tmp_path, tmp_path / "nowhere")
+    assert done.returncode == 1 and f"no worktree in {tmp_path / 'nowhere'}" in done.stdout
