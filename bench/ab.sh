@@ -3,23 +3,29 @@
 # this; it needs lowlat installed, as gpu_check.sh does first).
 #
 #   AB_DIR=.ab/branch AB_ROUNDS=2 AB_ENV=NAME=VALUE AB_ARGS="..." bash bench/ab.sh OUT
+#   AB_DIR=".ab/v1 .ab/v2" bash bench/ab.sh OUT      # several branches beside main, arms named v1, v2
 #
 # The branch is a git worktree in AB_DIR (`git worktree add .ab/branch BRANCH`; carry .ab to the
 # device, which gets working trees, not history).  `python -m lowlat.bench $AB_ARGS` (default: EP1,
 # 288 experts, T = 1..256, graph replays) runs from this checkout ("main") and from the worktree
-# ("branch") alternately, AB_ROUNDS times; the current directory comes first on sys.path, so each
-# arm runs its own package and kernels.  AB_ENV adds a third arm: the worktree with that variable
-# set (a switch inside one build).  Each arm's per-point lines go to OUT/ab.txt.
+# ("branch"; with several worktrees, each under its folder's name) alternately, AB_ROUNDS times;
+# the current directory comes first on sys.path, so each arm runs its own package and kernels.
+# AB_ENV adds an arm: the (first) worktree with that variable set (a switch inside one build).
+# Each arm's per-point lines go to OUT/ab.txt.
 set -uo pipefail
 out=${1:?usage: bench/ab.sh OUT}
-ab_dir=${AB_DIR:-.ab/branch}
+read -r -a ab_dirs <<< "${AB_DIR:-.ab/branch}"
 mkdir -p "$out"
-if [ ! -d "$ab_dir/lowlat" ] || [ ! -d "$ab_dir/kernels" ]; then
-  echo "ab: no worktree in $ab_dir (git worktree add $ab_dir BRANCH, and carry its top folder)"
-  exit 1
-fi
 root=$PWD
-branch=$(cd "$ab_dir" && pwd)  # AB_DIR relative to this checkout, or absolute
+branches=() names=()
+for ab_dir in "${ab_dirs[@]}"; do
+  if [ ! -d "$ab_dir/lowlat" ] || [ ! -d "$ab_dir/kernels" ]; then
+    echo "ab: no worktree in $ab_dir (git worktree add $ab_dir BRANCH, and carry its top folder)"
+    exit 1
+  fi
+  branches+=("$(cd "$ab_dir" && pwd)")  # relative to this checkout, or absolute
+  if [ "${#ab_dirs[@]}" = 1 ]; then names+=(branch); else names+=("$(basename "$ab_dir")"); fi
+done
 status=0
 
 # arm NAME DIR [NAME=VALUE]: one run of the bench from DIR with its own kernel cache.
@@ -33,9 +39,11 @@ arm() {
 : > "$out/ab.txt"
 for _ in $(seq "${AB_ROUNDS:-2}"); do
   arm main "$root" >> "$out/ab.txt" 2>&1 || status=1
-  arm branch "$branch" >> "$out/ab.txt" 2>&1 || status=1
+  for i in "${!branches[@]}"; do
+    arm "${names[$i]}" "${branches[$i]}" >> "$out/ab.txt" 2>&1 || status=1
+  done
   if [ -n "${AB_ENV:-}" ]; then
-    arm "branch+$AB_ENV" "$branch" "$AB_ENV" >> "$out/ab.txt" 2>&1 || status=1
+    arm "${names[0]}+$AB_ENV" "${branches[0]}" "$AB_ENV" >> "$out/ab.txt" 2>&1 || status=1
   fi
 done
 cat "$out/ab.txt"

@@ -37,3 +37,16 @@ def test_arms_run_their_own_trees_and_log_to_ab_txt(tmp_path):
 def test_a_missing_worktree_is_named(tmp_path):
     done = _run(tmp_path, tmp_path / "nowhere")
     assert done.returncode == 1 and f"no worktree in {tmp_path / 'nowhere'}" in done.stdout
+
+
+def test_several_worktrees_are_arms_named_by_folder(tmp_path):
+    trees = [tmp_path / "v1", tmp_path / "v2"]
+    for tree in trees:
+        for part in ("lowlat", "kernels", "graphs"):
+            shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    done = _run(tmp_path, " ".join(map(str, trees)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "out" / "ab.txt").read_text()
+    assert [line for line in log.splitlines() if line.startswith("== ")] == ["== main", "== v1", "== v2"]
+    packages = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("package: ")]
+    assert packages == [str(ROOT / "lowlat" / "__init__.py")] + [str(tree / "lowlat" / "__init__.py") for tree in trees]
