@@ -11,7 +11,8 @@
 # ("branch"; with several worktrees, each under its folder's name) alternately, AB_ROUNDS times;
 # the current directory comes first on sys.path, so each arm runs its own package and kernels.
 # AB_ENV adds an arm: the (first) worktree with that variable set (a switch inside one build).
-# Each arm's per-point lines go to OUT/ab.txt.
+# Each arm's per-point lines go to OUT/ab.txt.  AB_MODULE=lowlat.bench.trace runs the phase trace
+# in every arm instead (AB_ARGS then default to the trace's own; its whole output is kept).
 set -uo pipefail
 out=${1:?usage: bench/ab.sh OUT}
 read -r -a ab_dirs <<< "${AB_DIR:-.ab/branch}"
@@ -26,14 +27,22 @@ for ab_dir in "${ab_dirs[@]}"; do
   branches+=("$(cd "$ab_dir" && pwd)")  # relative to this checkout, or absolute
   if [ "${#ab_dirs[@]}" = 1 ]; then names+=(branch); else names+=("$(basename "$ab_dir")"); fi
 done
+module=${AB_MODULE:-lowlat.bench}
 status=0
 
-# arm NAME DIR [NAME=VALUE]: one run of the bench from DIR with its own kernel cache.
+# arm NAME DIR [NAME=VALUE]: one run of the bench (or AB_MODULE) from DIR with its own kernel cache.
 arm() {
   echo "== $1"
-  (cd "$2" && PYTHONPATH="$PWD" python3 -c 'import lowlat; print("package:", lowlat.__file__)' && env ${3:+"$3"} LOWLAT_CACHE_DIR="/tmp/lowlat-cache-ab-$1" PYTHONPATH="$PWD" \
-    python3 -m lowlat.bench ${AB_ARGS:---ranks 1 --experts 288 --tokens 1,4,32,128,256} --out "/tmp/ab-$1" 2>&1 \
-    | grep -E "^ +[0-9]+ +[0-9]+ +\||correct|rror|CPU")
+  (cd "$2" && PYTHONPATH="$PWD" python3 -c 'import lowlat; print("package:", lowlat.__file__)' || exit 1
+   run=(env ${3:+"$3"} LOWLAT_CACHE_DIR="/tmp/lowlat-cache-ab-$1" PYTHONPATH="$PWD" python3 -m "$module")
+   if [ "$module" = lowlat.bench ]; then
+     # shellcheck disable=SC2086
+     "${run[@]}" ${AB_ARGS:---ranks 1 --experts 288 --tokens 1,4,32,128,256} --out "/tmp/ab-$1" 2>&1 \
+       | grep -E "^ +[0-9]+ +[0-9]+ +\||correct|rror|CPU"
+   else
+     # shellcheck disable=SC2086
+     "${run[@]}" ${AB_ARGS:-} 2>&1
+   fi)
 }
 
 : > "$out/ab.txt"

@@ -12,8 +12,8 @@
 # 2+ GPUs `python -m lowlat.bench.normal --baseline deepep` (normal mode, one rank per GPU).
 # trace: `python -m lowlat.bench.trace`, the fused kernels' phases (kernels/trace.cuh) at EP1.
 # hostpath: `python -m lowlat.bench.hostpath`, an eager call's host time split into driver calls and the rest.
-# ab (only by name, not in all): a branch beside this checkout in one run (bench/ab.sh: a git worktree
-# in AB_DIR, default .ab/branch; carry .ab), the arms' lines in ab.txt.
+# ab (only by name, not in all): branches beside this checkout in one run (bench/ab.sh: git worktrees
+# in AB_DIR, default .ab/branch; carry .ab; AB_MODULE=lowlat.bench.trace for the phase trace), the arms' lines in ab.txt.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT [tests|bench|versus|trace|hostpath|ab|all]}
 what=${2:-all}

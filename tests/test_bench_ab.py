@@ -14,7 +14,8 @@ TINY = "--ranks 1 --experts 8 --tokens 2 --hidden 256"
 
 def _run(tmp_path, branch_dir, **env):
     environment = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], AB_DIR=str(branch_dir),
-                       AB_ROUNDS="1", AB_ARGS=TINY, **env)
+                       AB_ROUNDS="1")
+    environment.update({"AB_ARGS": TINY, **env})
     return subprocess.run(["bash", str(ROOT / "bench" / "ab.sh"), str(tmp_path / "out")], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=300)
 
@@ -50,3 +51,15 @@ def test_several_worktrees_are_arms_named_by_folder(tmp_path):
     assert [line for line in log.splitlines() if line.startswith("== ")] == ["== main", "== v1", "== v2"]
     packages = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("package: ")]
     assert packages == [str(ROOT / "lowlat" / "__init__.py")] + [str(tree / "lowlat" / "__init__.py") for tree in trees]
+
+
+def test_another_module_runs_in_every_arm_with_its_whole_output(tmp_path):
+    branch = tmp_path / "branch"
+    for part in ("lowlat", "kernels", "graphs"):
+        shutil.copytree(ROOT / part, branch / part, ignore=shutil.ignore_patterns("__pycache__"))
+    done = _run(tmp_path, branch, AB_MODULE="lowlat.bench.trace", AB_ARGS="--tokens 1")
+    log = (tmp_path / "out" / "ab.txt").read_text()
+    assert [line for line in log.splitlines() if line.startswith("== ")] == ["== main", "== branch"]
+    # On a machine without a GPU the trace says so (exit 2), in each arm, and ab.sh fails.
+    assert log.count("it needs an NVIDIA GPU, and this machine has none") == 2, log
+    assert done.returncode == 1
