@@ -45,3 +45,21 @@ def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     monkeypatch.setattr(trace.torch.cuda, "is_available", lambda: False)
     assert trace.run([]) == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().out
+
+
+def test_every_blocks_span_line_gives_the_kernel_span_and_the_block_finishing_last():
+    call = """lowlat-trace dispatch block 0: 10 20 30 40 50 60 0 @ 1000 6000
+lowlat-trace dispatch block 5: 11 21 31 41 51 61 0 @ 900 7500
+lowlat-trace dispatch block 9 last: 12 22 32 42 52 62 0 @ 1100 5000
+lowlat-trace combine block 0 last: 1 2 3 4 5 0 0 @ 2000 2600
+lowlat-trace combine block 1: 1 2 3 4 6 0 0 @ 2100 2500
+"""
+    assert trace.finishing(call) == {
+        "dispatch": dict(span_ns=6600, block=5, who="another block", points=[11, 21, 31, 41, 51, 61]),
+        "combine": dict(span_ns=600, block=0, who="last block", points=[1, 2, 3, 4, 5]),
+    }
+    # The phase groups keep block 0 and the flag raiser only; the lines without a span still parse.
+    assert trace.parse(call) == {("dispatch", "block 0"): [[10, 20, 30, 40, 50, 60]],
+                                 ("dispatch", "last block"): [[12, 22, 32, 42, 52, 62]],
+                                 ("combine", "last block"): [[1, 2, 3, 4, 5]]}
+    assert trace.finishing(LINES) == {}

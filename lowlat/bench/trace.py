@@ -1,8 +1,10 @@
 """``python -m lowlat.bench.trace``: where one fused low-latency call spends its time, phase by phase.
 
 The fused dispatch and combine kernels are built with ``kernels/trace.cuh`` on (``LOWLAT_TRACE=1``):
-thread 0 of each block notes ``clock64()`` at numbered points, and block 0 and the block that raised
-the flags (the last to count in) print their timelines.  This runs EP1 (one rank owning every expert,
+thread 0 of each block notes ``clock64()`` at numbered points, and every block prints its timeline
+with its start and end on the global nanosecond timer.  The report gives the phases of block 0, of
+the block that raised the flags (the last to count in) and of the block that finished last, the
+kernel's span (first block's start to last block's end) and which block finished last.  This runs EP1 (one rank owning every expert,
 DeepEP's test shape by default) eagerly, ``--calls`` times per token count, reads the kernels' lines
 from the process's standard output and reports the median cycles per phase, and microseconds at the
 device's SM clock (``clock64`` counts the cycles of one SM; a clock below that rate makes the
@@ -13,6 +15,7 @@ the phases of the two printed blocks are exact within their block.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import statistics
@@ -26,20 +29,45 @@ PHASES = {
     "dispatch": ("top-k staged", "sent", "counted in", "every flag seen", "row map built", "rows stored"),
     "combine": ("row map built", "sent", "counted in", "every flag seen", "tokens reduced"),
 }
-_LINE = re.compile(r"lowlat-trace (\w+) block (\d+)( last)?: ([-\d ]+)")
+_LINE = re.compile(r"lowlat-trace (\w+) block (\d+)( last)?: ([-\d ]+?)(?: @ (\d+) (\d+))?$", re.MULTILINE)
+
+
+def _lines(text: str):
+    """(kernel, block, raised the flags, points 1..n, start ns or None, end ns or None) per trace line."""
+    for match in _LINE.finditer(text):
+        kernel, block, last, numbers, start, end = match.groups()
+        if kernel in PHASES:
+            points = [int(v) for v in numbers.split()][: len(PHASES[kernel])]
+            yield kernel, int(block), bool(last), points, start and int(start), end and int(end)
 
 
 def parse(text: str) -> dict[tuple[str, str], list[list[int]]]:
     """Timelines by (kernel, "block 0" or "last block"): each a list of cumulative cycles at points
-    1..n from point 0.  A block that is both block 0 and the last one counts as the last block."""
+    1..n from point 0.  A block that is both block 0 and the last one counts as the last block;
+    other blocks' lines are left out (see :func:`finishing`)."""
     timelines: dict[tuple[str, str], list[list[int]]] = {}
-    for match in _LINE.finditer(text):
-        kernel, _, last, numbers = match.groups()
-        if kernel not in PHASES:
-            continue
-        points = [int(v) for v in numbers.split()][: len(PHASES[kernel])]
-        timelines.setdefault((kernel, "last block" if last else "block 0"), []).append(points)
+    for kernel, block, last, points, _, _ in _lines(text):
+        if last or block == 0:
+            timelines.setdefault((kernel, "last block" if last else "block 0"), []).append(points)
     return timelines
+
+
+def finishing(text: str) -> dict[str, dict]:
+    """For the lines of one call: per kernel, its span in ns (the first block's start to the last
+    block's end, on the global timer), which block finished last ("block 0", "last block": the one
+    that raised the flags, or "another block") and that block's points."""
+    found: dict[str, dict] = {}
+    for kernel, block, last, points, start, end in _lines(text):
+        if start is None:
+            continue
+        entry = found.setdefault(kernel, dict(start=start, end=-1))
+        entry["start"] = min(entry["start"], start)
+        if end > entry["end"]:
+            entry.update(end=end, block=block, who="last block" if last else "block 0" if block == 0 else "another block",
+                         points=points)
+    for entry in found.values():
+        entry["span_ns"] = entry.pop("end") - entry.pop("start")
+    return found
 
 
 def summarize(timelines: dict[tuple[str, str], list[list[int]]], clock_mhz: float) -> list[dict]:
@@ -109,20 +137,30 @@ def run(argv=None) -> int:
     for i, tokens in enumerate(token_list):
         x, topk_idx, weights = _inputs(tokens, args.hidden, args.experts, args.topk, device, seed=i)
 
-        def calls(count: int):
-            for _ in range(count):
-                (data, scales), _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, use_fp8=True)
-                y = (data.float().unflatten(-1, (-1, 128)) * scales.float().unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
-                buffer.low_latency_combine(y, topk_idx, weights, handle)
-                torch.cuda.synchronize(device)  # one call at a time: no phase overlaps the previous call's
+        def call():
+            (data, scales), _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, use_fp8=True)
+            y = (data.float().unflatten(-1, (-1, 128)) * scales.float().unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+            buffer.low_latency_combine(y, topk_idx, weights, handle)
+            torch.cuda.synchronize(device)  # one call at a time: no phase overlaps the previous call's
 
-        _capture_stdout(lambda: calls(3))
-        rows = summarize(parse(_capture_stdout(lambda: calls(args.calls))), clock_mhz)
+        for _ in range(3):
+            _capture_stdout(call)
+        texts = [_capture_stdout(call) for _ in range(args.calls)]
         buffer.synchronize()
+        timelines = parse("".join(texts))
+        ends = [finishing(text) for text in texts]
+        for kernel in PHASES:
+            timelines[(kernel, "finishing last")] = [end[kernel]["points"] for end in ends if kernel in end]
         print(f"T={tokens}")
-        for row in rows:
-            print(f"  {row['kernel']:>8} {row['block']:>10}  {row['phase']:<16} {row['us']:7.2f} us  (to here {row['cumulative_us']:6.2f} us, "
+        for row in summarize({key: lines for key, lines in timelines.items() if lines}, clock_mhz):
+            print(f"  {row['kernel']:>8} {row['block']:>14}  {row['phase']:<16} {row['us']:7.2f} us  (to here {row['cumulative_us']:6.2f} us, "
                   f"{row['cycles']:.0f} cycles)")
+        for kernel in PHASES:
+            spans = [end[kernel]["span_ns"] / 1000 for end in ends if kernel in end]
+            if spans:
+                who = collections.Counter(end[kernel]["who"] for end in ends if kernel in end)
+                print(f"  {kernel:>8} span, first block's start to last block's end (global timer): {statistics.median(spans):.2f} us; "
+                      "finished last: " + ", ".join(f"{name} {count}x" for name, count in who.most_common()))
     return 0
 
 
