@@ -9,7 +9,7 @@ DeepEP's test shape by default) eagerly, ``--calls`` times per token count, read
 from the process's standard output and reports the median cycles per phase, and microseconds at the
 device's SM clock (``clock64`` counts the cycles of one SM; a clock below that rate makes the
 microseconds an underestimate).  A tool for kernel engineers: the marks cost a few cycles each, and
-the phases of the two printed blocks are exact within their block.
+the phases are exact within their block, and the global timer aligns the blocks at its own resolution (a tie in "finished last" goes to the block printed first).
 """
 
 from __future__ import annotations
