@@ -4,12 +4,13 @@ The fused dispatch and combine kernels are built with ``kernels/trace.cuh`` on (
 thread 0 of each block notes ``clock64()`` at numbered points, and every block prints its timeline
 with its start and end on the global nanosecond timer.  The report gives the phases of block 0, of
 the block that raised the flags (the last to count in) and of the block that finished last, the
-kernel's span (first block's start to last block's end) and which block finished last.  This runs EP1 (one rank owning every expert,
-DeepEP's test shape by default) eagerly, ``--calls`` times per token count, reads the kernels' lines
-from the process's standard output and reports the median cycles per phase, and microseconds at the
-device's SM clock (``clock64`` counts the cycles of one SM; a clock below that rate makes the
-microseconds an underestimate).  A tool for kernel engineers: the marks cost a few cycles each, and
-the phases are exact within their block, and the global timer aligns the blocks at its own resolution (a tie in "finished last" goes to the block printed first).
+kernel's span (first block's start to last block's end) and which block finished last.  This runs
+EP1 (one rank owning every expert, DeepEP's test shape by default) eagerly, ``--calls`` times per
+token count, reads the kernels' lines from the process's standard output and reports the median
+cycles per phase, and microseconds at the device's SM clock (``clock64`` counts the cycles of one
+SM; a clock below that rate makes the microseconds an underestimate).  A tool for kernel engineers:
+the marks cost a few cycles each; the phases are exact within their block, and the global timer
+aligns the blocks at its own resolution (a tie for "finished last" goes to the block printed first).
 """
 
 from __future__ import annotations
