@@ -11,7 +11,9 @@
 # ("branch"; with several worktrees, each under its folder's name) alternately, AB_ROUNDS times;
 # the current directory comes first on sys.path, so each arm runs its own package and kernels.
 # AB_ENV adds an arm: the (first) worktree with that variable set (a switch inside one build).
-# Each arm's per-point lines go to OUT/ab.txt.  AB_MODULE=lowlat.bench.trace runs the phase trace
+# Each arm's per-point lines go to OUT/ab.txt.  The arm's tree comes first on PYTHONPATH, before
+# what the caller set (so that AB_ARGS="--baseline deepep" finds a DeepEP build that `gpu_check.sh
+# OUT versus,ab` put there).  AB_MODULE=lowlat.bench.trace runs the phase trace
 # in every arm instead (AB_ARGS then default to the trace's own; its whole output is kept).
 set -uo pipefail
 out=${1:?usage: bench/ab.sh OUT}
@@ -34,11 +36,11 @@ status=0
 arm() {
   echo "== $1"
   (cd "$2" && PYTHONPATH="$PWD" python3 -c 'import lowlat; print("package:", lowlat.__file__)' || exit 1
-   run=(env ${3:+"$3"} LOWLAT_CACHE_DIR="/tmp/lowlat-cache-ab-$1" PYTHONPATH="$PWD" python3 -m "$module")
+   run=(env ${3:+"$3"} LOWLAT_CACHE_DIR="/tmp/lowlat-cache-ab-$1" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 -m "$module")
    if [ "$module" = lowlat.bench ]; then
      # shellcheck disable=SC2086
      "${run[@]}" ${AB_ARGS:---ranks 1 --experts 288 --tokens 1,4,32,128,256} --out "/tmp/ab-$1" 2>&1 \
-       | grep -E "^ +[0-9]+ +[0-9]+ +\||correct|rror|CPU"
+       | grep -E "^ +[0-9]+ +[0-9]+ +\||^  T=[0-9]+: graph|correct|rror|CPU"  # the bench's rows, or --baseline deepep's
    else
      # shellcheck disable=SC2086
      "${run[@]}" ${AB_ARGS:-} 2>&1

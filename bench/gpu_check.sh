@@ -94,6 +94,11 @@ if wants hostpath; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if wants_named ab; then
-  bash bench/ab.sh "$out" || status=1
+  # With versus in the same run, DeepEP's build is on the path, so AB_ARGS may hold --baseline deepep.
+  if wants versus && [ -d /tmp/deepep-build/deepep-v1 ]; then
+    PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} NVSHMEM_REMOTE_TRANSPORT=none bash bench/ab.sh "$out" || status=1
+  else
+    bash bench/ab.sh "$out" || status=1
+  fi
 fi
 exit "$status"

@@ -63,3 +63,19 @@ def test_another_module_runs_in_every_arm_with_its_whole_output(tmp_path):
     # On a machine without a GPU the trace says so (exit 2), in each arm, and ab.sh fails.
     assert log.count("it needs an NVIDIA GPU, and this machine has none") == 2, log
     assert done.returncode == 1
+
+
+def test_the_callers_pythonpath_follows_the_arms_tree(tmp_path):
+    # What gpu_check.sh puts on the path (a DeepEP build for --baseline deepep) stays importable, and
+    # each arm's own package still comes first.
+    branch = tmp_path / "branch"
+    for part in ("lowlat", "kernels", "graphs"):
+        shutil.copytree(ROOT / part, branch / part, ignore=shutil.ignore_patterns("__pycache__"))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "abprobe.py").write_text("import lowlat\nprint('probe:', lowlat.__file__)\n")
+    done = _run(tmp_path, branch, AB_MODULE="abprobe", AB_ARGS="", PYTHONPATH=str(extra))
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "out" / "ab.txt").read_text()
+    probes = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("probe: ")]
+    assert probes == [str(ROOT / "lowlat" / "__init__.py"), str(branch / "lowlat" / "__init__.py")]
