@@ -132,6 +132,11 @@ class BufferShape(ExpertParallelShape):
         return self.num_ranks * self.max_tokens_per_rank
 
     @property
+    def expert_rows_shape(self) -> tuple[int, int, int]:
+        """``(L, R*T, H)``: the dispatch's receive layout, which the combine's ``x`` shares."""
+        return self.num_local_experts, self.rows_per_expert, self.hidden
+
+    @property
     def scale_row_stride(self) -> int:
         """Row stride of the column-major scale tensors: ``R * T`` rounded up to 4 (16-byte TMA rows)."""
         return align(self.rows_per_expert, 4)

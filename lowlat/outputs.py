@@ -138,7 +138,7 @@ class OutputSet(_Reusable):
     def ensure_zero_copy(self) -> torch.Tensor:
         if self.zero_copy is None:
             s = self.shape
-            self.zero_copy = torch.empty(s.num_local_experts, s.rows_per_expert, s.hidden, dtype=torch.bfloat16, device=self.device)
+            self.zero_copy = torch.empty(s.expert_rows_shape, dtype=torch.bfloat16, device=self.device)
         return self.zero_copy
 
     @property
