@@ -433,8 +433,8 @@ class Buffer:
             # The caller's tensors are held until the kernel is done; the Buffer's own (a pooled out,
             # the handle's layout and zero-copy buffer) are not, since holding them would grow the
             # pools: their next user waits for this call's event instead (Pool.acquire -> claim).
-            theirs = ((x, topk_idx, topk_weights, wait_stats, num_tokens_device) + (() if zero_copy else (source,))
-                      + (() if reusable else (out,)))
+            # (The source is x itself, or with zero_copy the handle's buffer: never a tensor of theirs besides x.)
+            theirs = (x, topk_idx, topk_weights, wait_stats, num_tokens_device) + (() if reusable else (out,))
             return out, self._issue_async(engine.combine, args, theirs, reusable + (handle.outputs,), capture), None
         engine.combine(*args)  # both halves, one launch on the caller's stream
         return out, _NO_EVENT, None
