@@ -167,7 +167,6 @@ class Buffer:
         """Everything after the transport: layout, device state, engine (kernels compiled and
         planned), output storage, streams."""
         self.layout = RegionLayout.of(self.shape, put_staging=self.transport.kind == "nvshmem")
-        self._expert_rows_shape = self.shape.expert_rows_shape  # the combine's x, checked on every call
         self.rank, self.num_ranks = self.transport.rank, self.transport.num_ranks
         if self.transport.region_bytes < self.layout.total_bytes:
             raise ArgumentError(f"the transport's region has {self.transport.region_bytes} bytes, {self.layout.total_bytes} needed")
@@ -397,7 +396,7 @@ class Buffer:
         if zero_copy and use_logfmt:
             raise ArgumentError("zero_copy=True cannot be combined with use_logfmt=True")
         n = handle.num_tokens
-        check.tensor("x", x, check.BF16, self._expert_rows_shape, self.device, contiguous=not zero_copy)
+        check.tensor("x", x, check.BF16, s.expert_rows_shape, self.device, contiguous=not zero_copy)
         source = x
         if zero_copy:
             source = handle.outputs.zero_copy

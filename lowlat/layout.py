@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 
 from .errors import ArgumentError
 
@@ -131,9 +132,10 @@ class BufferShape(ExpertParallelShape):
         """Rows of each local expert's receive buffer: every token of every rank, ``R * T``."""
         return self.num_ranks * self.max_tokens_per_rank
 
-    @property
+    @functools.cached_property
     def expert_rows_shape(self) -> tuple[int, int, int]:
-        """``(L, R*T, H)``: the dispatch's receive layout, which the combine's ``x`` shares."""
+        """``(L, R*T, H)``: the dispatch's receive layout, which the combine's ``x`` shares (computed
+        once: every combine checks its ``x`` against it)."""
         return self.num_local_experts, self.rows_per_expert, self.hidden
 
     @property
