@@ -95,10 +95,10 @@ if wants hostpath; then
 fi
 if wants_named ab; then
   # With versus in the same run, DeepEP's build is on the path, so AB_ARGS may hold --baseline deepep.
+  deepep=()
   if wants versus && [ -d /tmp/deepep-build/deepep-v1 ]; then
-    PYTHONPATH=/tmp/deepep-build/deepep-v1:${PYTHONPATH:-} NVSHMEM_REMOTE_TRANSPORT=none bash bench/ab.sh "$out" || status=1
-  else
-    bash bench/ab.sh "$out" || status=1
+    deepep=(PYTHONPATH="/tmp/deepep-build/deepep-v1:${PYTHONPATH:-}" NVSHMEM_REMOTE_TRANSPORT=none)
   fi
+  env "${deepep[@]}" bash bench/ab.sh "$out" || status=1
 fi
 exit "$status"
